@@ -1,0 +1,390 @@
+//! Typed access to the data-path maps, whether owned by a freshly loaded object or opened from
+//! their pins by a CLI command. Every write takes a validated [`Net`]; nothing else reaches a map.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use agent_common::{
+    ACTION_SLOTS, Action, AllowEntry, AttackerEntry, COUNTERS, Counter, DataPathConfig, Mode,
+    SourceCounters, SourceKey, maps as names,
+};
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+};
+use serde::Serialize;
+
+use crate::{addr::Net, clock};
+
+/// Errors reading or writing the pinned maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A pinned map could not be opened.
+    #[error("opening pinned map {path}; is `mirage-agent run` running or was it run?")]
+    Open {
+        /// The pin path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: MapError,
+    },
+    /// A map had an unexpected type or layout.
+    #[error("map {name} has an unexpected type or layout")]
+    Layout {
+        /// The map name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: MapError,
+    },
+    /// A map operation failed.
+    #[error("{op} in map {name} failed")]
+    Op {
+        /// What was being done.
+        op: &'static str,
+        /// The map name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: MapError,
+    },
+    /// The entry to remove is not there.
+    #[error("{net} is not in the {what}")]
+    NotFound {
+        /// The network.
+        net: Net,
+        /// Which list.
+        what: &'static str,
+    },
+}
+
+type Result<T> = std::result::Result<T, MapsError>;
+
+/// The data-path maps.
+pub struct Maps {
+    config: Array<MapData, DataPathConfig>,
+    allow_v4: LpmTrie<MapData, [u8; 4], AllowEntry>,
+    allow_v6: LpmTrie<MapData, [u8; 16], AllowEntry>,
+    attackers_v4: HashMap<MapData, [u8; 4], AttackerEntry>,
+    attackers_v6: HashMap<MapData, [u8; 16], AttackerEntry>,
+    ranges_v4: LpmTrie<MapData, [u8; 4], AttackerEntry>,
+    ranges_v6: LpmTrie<MapData, [u8; 16], AttackerEntry>,
+    sources: PerCpuHashMap<MapData, SourceKey, SourceCounters>,
+    global: PerCpuArray<MapData, u64>,
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T> {
+    T::try_from(map).map_err(|source| MapsError::Layout { name, source })
+}
+
+fn op(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Op { op, name, source }
+}
+
+/// Whether a map error means "no such key".
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+impl Maps {
+    /// Opens every map from its pin under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let mut by_name = BTreeMap::new();
+        for name in names::PINNED {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let map = Map::from_map_data(data).map_err(|source| MapsError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            by_name.insert(name, map);
+        }
+        Self::from_maps(|name| by_name.remove(name))
+    }
+
+    /// Builds the typed wrappers from maps taken out of a loaded object.
+    pub fn from_maps(mut take: impl FnMut(&'static str) -> Option<Map>) -> Result<Self> {
+        let mut get = |name: &'static str| {
+            take(name).ok_or(MapsError::Layout {
+                name,
+                source: MapError::InvalidName {
+                    name: name.to_owned(),
+                },
+            })
+        };
+        Ok(Self {
+            config: typed(names::CONFIG, get(names::CONFIG)?)?,
+            allow_v4: typed(names::ALLOW_V4, get(names::ALLOW_V4)?)?,
+            allow_v6: typed(names::ALLOW_V6, get(names::ALLOW_V6)?)?,
+            attackers_v4: typed(names::ATTACKERS_V4, get(names::ATTACKERS_V4)?)?,
+            attackers_v6: typed(names::ATTACKERS_V6, get(names::ATTACKERS_V6)?)?,
+            ranges_v4: typed(names::ATTACKER_RANGES_V4, get(names::ATTACKER_RANGES_V4)?)?,
+            ranges_v6: typed(names::ATTACKER_RANGES_V6, get(names::ATTACKER_RANGES_V6)?)?,
+            sources: typed(names::SOURCE_STATS, get(names::SOURCE_STATS)?)?,
+            global: typed(names::GLOBAL_STATS, get(names::GLOBAL_STATS)?)?,
+        })
+    }
+
+    /// The current data-path configuration.
+    pub fn config(&self) -> Result<DataPathConfig> {
+        self.config.get(&0, 0).map_err(op("read", names::CONFIG))
+    }
+
+    /// Sets the mode and enables the data path.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        let cfg = DataPathConfig {
+            mode: mode as u8,
+            flags: DataPathConfig::ENABLED,
+            _pad: [0; 6],
+        };
+        self.config.set(0, cfg, 0).map_err(op("write", names::CONFIG))
+    }
+
+    /// Adds a range to the allowlist.
+    pub fn allow(&mut self, net: Net) -> Result<()> {
+        let v = AllowEntry::default();
+        match net {
+            Net::V4(a, p) => self
+                .allow_v4
+                .insert(&Key::new(p.into(), a.octets()), v, 0)
+                .map_err(op("insert", names::ALLOW_V4)),
+            Net::V6(a, p) => self
+                .allow_v6
+                .insert(&Key::new(p.into(), a.octets()), v, 0)
+                .map_err(op("insert", names::ALLOW_V6)),
+        }
+    }
+
+    /// Removes a range from the allowlist.
+    pub fn disallow(&mut self, net: Net) -> Result<()> {
+        let r = match net {
+            Net::V4(a, p) => self.allow_v4.remove(&Key::new(p.into(), a.octets())),
+            Net::V6(a, p) => self.allow_v6.remove(&Key::new(p.into(), a.octets())),
+        };
+        match r {
+            Err(e) if is_not_found(&e) => Err(MapsError::NotFound {
+                net,
+                what: "allowlist",
+            }),
+            other => other.map_err(op("remove", "allowlist")),
+        }
+    }
+
+    /// Whether `ip` is covered by the allowlist (what the kernel would decide).
+    pub fn is_allowlisted(&self, ip: IpAddr) -> Result<bool> {
+        let r = match crate::addr::normalize(ip) {
+            IpAddr::V4(a) => self.allow_v4.get(&Key::new(32, a.octets()), 0).map(|_| ()),
+            IpAddr::V6(a) => self.allow_v6.get(&Key::new(128, a.octets()), 0).map(|_| ()),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(source) => Err(MapsError::Op {
+                op: "lookup",
+                name: "allowlist",
+                source,
+            }),
+        }
+    }
+
+    /// Adds or replaces an attacker entry: exact map for a host, range trie otherwise.
+    pub fn block(&mut self, net: Net, entry: AttackerEntry) -> Result<()> {
+        match net {
+            Net::V4(a, 32) => self
+                .attackers_v4
+                .insert(a.octets(), entry, 0)
+                .map_err(op("insert", names::ATTACKERS_V4)),
+            Net::V6(a, 128) => self
+                .attackers_v6
+                .insert(a.octets(), entry, 0)
+                .map_err(op("insert", names::ATTACKERS_V6)),
+            Net::V4(a, p) => self
+                .ranges_v4
+                .insert(&Key::new(p.into(), a.octets()), entry, 0)
+                .map_err(op("insert", names::ATTACKER_RANGES_V4)),
+            Net::V6(a, p) => self
+                .ranges_v6
+                .insert(&Key::new(p.into(), a.octets()), entry, 0)
+                .map_err(op("insert", names::ATTACKER_RANGES_V6)),
+        }
+    }
+
+    /// Removes an attacker entry.
+    pub fn unblock(&mut self, net: Net) -> Result<()> {
+        let r = match net {
+            Net::V4(a, 32) => self.attackers_v4.remove(&a.octets()),
+            Net::V6(a, 128) => self.attackers_v6.remove(&a.octets()),
+            Net::V4(a, p) => self.ranges_v4.remove(&Key::new(p.into(), a.octets())),
+            Net::V6(a, p) => self.ranges_v6.remove(&Key::new(p.into(), a.octets())),
+        };
+        match r {
+            Err(e) if is_not_found(&e) => Err(MapsError::NotFound {
+                net,
+                what: "attacker map",
+            }),
+            other => other.map_err(op("remove", "attacker map")),
+        }
+    }
+
+    /// Every allowlisted range.
+    pub fn allowlist(&self) -> Result<Vec<Net>> {
+        let mut out = Vec::new();
+        for item in self.allow_v4.iter() {
+            let (k, _) = item.map_err(op("iterate", names::ALLOW_V4))?;
+            out.push(Net::V4(Ipv4Addr::from(k.data()), prefix_u8(k.prefix_len())));
+        }
+        for item in self.allow_v6.iter() {
+            let (k, _) = item.map_err(op("iterate", names::ALLOW_V6))?;
+            out.push(Net::V6(Ipv6Addr::from(k.data()), prefix_u8(k.prefix_len())));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every attacker entry, exact and ranges.
+    pub fn attackers(&self) -> Result<Vec<(Net, AttackerEntry)>> {
+        let mut out = Vec::new();
+        for item in self.attackers_v4.iter() {
+            let (k, v) = item.map_err(op("iterate", names::ATTACKERS_V4))?;
+            out.push((Net::V4(Ipv4Addr::from(k), 32), v));
+        }
+        for item in self.attackers_v6.iter() {
+            let (k, v) = item.map_err(op("iterate", names::ATTACKERS_V6))?;
+            out.push((Net::V6(Ipv6Addr::from(k), 128), v));
+        }
+        for item in self.ranges_v4.iter() {
+            let (k, v) = item.map_err(op("iterate", names::ATTACKER_RANGES_V4))?;
+            out.push((Net::V4(Ipv4Addr::from(k.data()), prefix_u8(k.prefix_len())), v));
+        }
+        for item in self.ranges_v6.iter() {
+            let (k, v) = item.map_err(op("iterate", names::ATTACKER_RANGES_V6))?;
+            out.push((Net::V6(Ipv6Addr::from(k.data()), prefix_u8(k.prefix_len())), v));
+        }
+        out.sort_by_key(|(n, _)| *n);
+        Ok(out)
+    }
+
+    /// Removes attacker entries whose expiry has passed. The kernel already ignores them; this
+    /// frees their memory. Returns how many were removed.
+    pub fn sweep_expired(&mut self) -> Result<usize> {
+        let now = clock::boottime_ns();
+        let expired: Vec<Net> = self
+            .attackers()?
+            .into_iter()
+            .filter(|(_, e)| e.expired(now))
+            .map(|(n, _)| n)
+            .collect();
+        let mut removed = 0;
+        for net in expired {
+            match self.unblock(net) {
+                Ok(()) => removed += 1,
+                // Removed meanwhile by someone else: fine.
+                Err(MapsError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Per-source counters summed over CPUs, most packets first.
+    pub fn sources(&self) -> Result<Vec<SourceStats>> {
+        let now = clock::boottime_ns();
+        let mut out = Vec::new();
+        for item in self.sources.iter() {
+            let (k, per_cpu) = item.map_err(op("iterate", names::SOURCE_STATS))?;
+            let mut sum = SourceCounters::default();
+            for c in per_cpu.iter() {
+                for i in 0..ACTION_SLOTS {
+                    sum.packets[i] += c.packets[i];
+                    sum.bytes[i] += c.bytes[i];
+                }
+                sum.last_seen_ns = sum.last_seen_ns.max(c.last_seen_ns);
+            }
+            out.push(SourceStats::new(k, &sum, now));
+        }
+        out.sort_by(|a, b| b.total_packets.cmp(&a.total_packets).then(a.addr.cmp(&b.addr)));
+        Ok(out)
+    }
+
+    /// Global counters summed over CPUs, by name.
+    pub fn global(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for c in Counter::ALL {
+            let per_cpu = self
+                .global
+                .get(&(c as u32), 0)
+                .map_err(op("read", names::GLOBAL_STATS))?;
+            out.insert(c.name(), per_cpu.iter().sum());
+        }
+        debug_assert_eq!(out.len(), COUNTERS as usize);
+        Ok(out)
+    }
+}
+
+fn prefix_u8(p: u32) -> u8 {
+    u8::try_from(p).unwrap_or(u8::MAX)
+}
+
+/// Counters per action, by name.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PerAction {
+    /// Passed.
+    pub pass: u64,
+    /// Dropped.
+    pub drop: u64,
+    /// Redirected to the sandbox.
+    pub redirect: u64,
+    /// Reflected.
+    pub reflect: u64,
+}
+
+impl PerAction {
+    fn from_slots(s: &[u64; ACTION_SLOTS]) -> Self {
+        let get = |a: Action| a.slot().and_then(|i| s.get(i)).copied().unwrap_or(0);
+        Self {
+            pass: get(Action::Pass),
+            drop: get(Action::Drop),
+            redirect: get(Action::Redirect),
+            reflect: get(Action::Reflect),
+        }
+    }
+}
+
+/// One source's counters, summed over CPUs.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceStats {
+    /// The source address (IPv4-mapped keys shown as IPv4).
+    pub addr: IpAddr,
+    /// Packets per action.
+    pub packets: PerAction,
+    /// Bytes per action.
+    pub bytes: PerAction,
+    /// Packets over all actions.
+    pub total_packets: u64,
+    /// Bytes over all actions.
+    pub total_bytes: u64,
+    /// Seconds since the source was last seen.
+    pub last_seen_secs_ago: f64,
+}
+
+impl SourceStats {
+    fn new(k: SourceKey, c: &SourceCounters, now: u64) -> Self {
+        Self {
+            addr: crate::addr::normalize(IpAddr::V6(Ipv6Addr::from(k.addr))),
+            packets: PerAction::from_slots(&c.packets),
+            bytes: PerAction::from_slots(&c.bytes),
+            total_packets: c.packets.iter().sum(),
+            total_bytes: c.bytes.iter().sum(),
+            last_seen_secs_ago: now.saturating_sub(c.last_seen_ns) as f64 / 1e9,
+        }
+    }
+}
