@@ -27,6 +27,11 @@ pub struct Cli {
     /// bpffs directory for the pinned program and maps (a layout-version directory is added).
     #[arg(long, global = true, env = "MIRAGE_BPFFS_ROOT", default_value = PIN_ROOT)]
     pub bpffs_root: PathBuf,
+    /// Enter this network namespace (a name under /run/netns) before doing anything. Unlike
+    /// `ip netns exec`, this keeps the host's mount namespace, so pins land on the real bpffs
+    /// and outlive the process.
+    #[arg(long, global = true, env = "MIRAGE_NETNS")]
+    pub netns: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -135,6 +140,9 @@ pub enum Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let root = cli.bpffs_root;
+    if let Some(name) = &cli.netns {
+        enter_netns(name)?;
+    }
     match cli.command {
         Command::Run {
             iface,
@@ -176,6 +184,24 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Moves this (still single-threaded) process into the named network namespace.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("invalid network namespace name `{name}`");
+    }
+    let path = Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("opening network namespace {}", path.display()))?;
+    // SAFETY: a valid namespace fd; setns only changes this thread's namespace, and the process
+    // has no other threads yet (the runtime is built later).
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("entering network namespace {name}"));
+    }
+    Ok(())
 }
 
 fn parse_net(s: &str) -> Result<Net> {

@@ -1,0 +1,135 @@
+//! RAII guards for network namespaces and the processes started in them.
+
+use std::{
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for names made by this process: `<pid36><n>`.
+pub fn unique_tag() -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{}{n}", radix36(std::process::id()))
+}
+
+fn radix36(mut v: u32) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(v % 36) as usize]);
+        v /= 36;
+        if v == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Runs a command to completion and fails with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `ip ARGS...` in the root namespace.
+pub fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// A network namespace, deleted (with every process we started in it) on drop.
+pub struct Netns {
+    name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    /// Creates `name` with `lo` up.
+    pub fn new(name: &str) -> Result<Self> {
+        ip(&["netns", "add", name]).with_context(|| format!("creating netns {name}"))?;
+        let ns = Self {
+            name: name.to_owned(),
+            children: Vec::new(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name (under /run/netns).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that will run inside the namespace (`ip netns exec`). Note that `ip netns exec`
+    /// also gives the command a private mount namespace with a fresh /sys: anything that pins
+    /// under bpffs must instead enter the namespace itself (`mirage-agent --netns`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `program ARGS...` in the namespace to completion.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        run(self.command(program).args(args))
+    }
+
+    /// Spawns a long-running command; it is killed (by PID) when the namespace is dropped.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec("sysctl", &["-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Deleting the namespace removes its interfaces; a veth whose peer is elsewhere goes too.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Creates a veth pair with one end in each namespace.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
+    ip(&[
+        "link", "add", a_name, "netns", a.name(), "type", "veth", "peer", "name", b_name, "netns",
+        b.name(),
+    ])
+    .with_context(|| format!("creating veth {a_name}@{} <-> {b_name}@{}", a.name(), b.name()))?;
+    Ok(())
+}

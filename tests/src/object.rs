@@ -1,0 +1,78 @@
+//! The eBPF object loaded privately for `BPF_PROG_TEST_RUN`: maps pinned in a throw-away bpffs
+//! directory (removed on drop), nothing attached to any interface.
+
+use std::path::PathBuf;
+
+use agent::{loader, maps::Maps};
+use agent_common::programs;
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+
+use crate::netns::unique_tag;
+
+/// A loaded object with typed maps and both XDP programs verified.
+pub struct Object {
+    /// The loaded object (programs are taken from it by name).
+    pub ebpf: Ebpf,
+    /// The maps, typed.
+    pub maps: Maps,
+    root: PathBuf,
+}
+
+/// What one run of a program gave.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// `XDP_*` return code.
+    pub action: u32,
+    /// The packet after the program (same length as the input unless the program resized it).
+    pub output: Vec<u8>,
+    /// Mean nanoseconds per repetition as the kernel measured it.
+    pub ns_per_run: f64,
+}
+
+impl Object {
+    /// Loads the object with its maps pinned under a fresh `/sys/fs/bpf/mirage-test-*`.
+    pub fn load() -> Result<Self> {
+        let root = PathBuf::from(format!("/sys/fs/bpf/mirage-test-{}", unique_tag()));
+        loader::ensure_bpffs(&root)?;
+        let mut ebpf = loader::load(&loader::pin_dir(&root))?;
+        let maps = loader::take_maps(&mut ebpf)?;
+        loader::xdp_program(&mut ebpf, programs::XDP)?;
+        loader::xdp_program(&mut ebpf, programs::BASELINE)?;
+        Ok(Self { ebpf, maps, root })
+    }
+
+    /// Runs program `name` over `packet` `repeat` times through `BPF_PROG_TEST_RUN`.
+    pub fn run(&mut self, name: &str, packet: &[u8], repeat: u32) -> Result<RunResult> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?;
+        // Room for programs that grow the packet (encapsulation, later issues).
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult {
+            action: r.return_value,
+            output: out,
+            ns_per_run: r.duration.as_nanos() as f64,
+        })
+    }
+}
+
+impl Drop for Object {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
