@@ -10,3 +10,4 @@
 pub mod lab;
 pub mod netns;
 pub mod object;
+pub mod packet;
