@@ -11,3 +11,4 @@ pub mod lab;
 pub mod netns;
 pub mod object;
 pub mod packet;
+pub mod probe;
