@@ -94,13 +94,19 @@ pub enum L4 {
 pub struct Packet {
     pub src: Source,
     /// Transport protocol number (after IPv6 extension headers).
-    #[expect(dead_code, reason = "read by the redirect rewrite, which needs the ports")]
+    #[expect(
+        dead_code,
+        reason = "read by the redirect rewrite, which needs the ports"
+    )]
     pub proto: u8,
     /// Whether this is an IP fragment (first or later).
     pub fragment: bool,
     pub l4: L4,
     /// Offset of the transport header, valid when `l4 == L4::Parsed`.
-    #[expect(dead_code, reason = "read by the redirect rewrite, which needs the ports")]
+    #[expect(
+        dead_code,
+        reason = "read by the redirect rewrite, which needs the ports"
+    )]
     pub l4_offset: usize,
 }
 

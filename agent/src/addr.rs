@@ -42,7 +42,9 @@ pub enum AddrError {
         suggestion: String,
     },
     /// A range broader than the safe minimum.
-    #[error("`{input}` covers too many addresses (shorter than /{min}); pass --force if you mean it")]
+    #[error(
+        "`{input}` covers too many addresses (shorter than /{min}); pass --force if you mean it"
+    )]
     TooBroad {
         /// What was given.
         input: String,
@@ -230,8 +232,14 @@ mod tests {
     #[test]
     fn parses_hosts_and_ranges() {
         assert_eq!(net("198.18.0.7"), Net::V4(Ipv4Addr::new(198, 18, 0, 7), 32));
-        assert_eq!(net("198.18.0.0/24"), Net::V4(Ipv4Addr::new(198, 18, 0, 0), 24));
-        assert_eq!(net("2001:db8::1"), Net::V6("2001:db8::1".parse().unwrap(), 128));
+        assert_eq!(
+            net("198.18.0.0/24"),
+            Net::V4(Ipv4Addr::new(198, 18, 0, 0), 24)
+        );
+        assert_eq!(
+            net("2001:db8::1"),
+            Net::V6("2001:db8::1".parse().unwrap(), 128)
+        );
         assert_eq!(net("2001:db8::/48").prefix(), 48);
         assert!(net("198.18.0.7").is_host());
     }
@@ -244,11 +252,26 @@ mod tests {
 
     #[test]
     fn refuses_bad_input() {
-        assert!(matches!("nope".parse::<Net>(), Err(AddrError::Syntax { .. })));
-        assert!(matches!("1.2.3.4/33".parse::<Net>(), Err(AddrError::PrefixLength { .. })));
-        assert!(matches!("1.2.3.4/x".parse::<Net>(), Err(AddrError::PrefixLength { .. })));
-        assert!(matches!("1.2.3.4/+8".parse::<Net>(), Err(AddrError::PrefixLength { .. })));
-        assert!(matches!("::1/129".parse::<Net>(), Err(AddrError::PrefixLength { .. })));
+        assert!(matches!(
+            "nope".parse::<Net>(),
+            Err(AddrError::Syntax { .. })
+        ));
+        assert!(matches!(
+            "1.2.3.4/33".parse::<Net>(),
+            Err(AddrError::PrefixLength { .. })
+        ));
+        assert!(matches!(
+            "1.2.3.4/x".parse::<Net>(),
+            Err(AddrError::PrefixLength { .. })
+        ));
+        assert!(matches!(
+            "1.2.3.4/+8".parse::<Net>(),
+            Err(AddrError::PrefixLength { .. })
+        ));
+        assert!(matches!(
+            "::1/129".parse::<Net>(),
+            Err(AddrError::PrefixLength { .. })
+        ));
         assert_eq!(
             "198.18.0.7/16".parse::<Net>(),
             Err(AddrError::HostBits {
@@ -260,19 +283,34 @@ mod tests {
 
     #[test]
     fn refuses_broad_ranges_unless_forced() {
-        assert!(matches!(net("0.0.0.0/0").check_breadth(false), Err(AddrError::TooBroad { .. })));
-        assert!(matches!(net("::/0").check_breadth(false), Err(AddrError::TooBroad { .. })));
-        assert!(matches!(net("10.0.0.0/8").check_breadth(false), Err(AddrError::TooBroad { .. })));
+        assert!(matches!(
+            net("0.0.0.0/0").check_breadth(false),
+            Err(AddrError::TooBroad { .. })
+        ));
+        assert!(matches!(
+            net("::/0").check_breadth(false),
+            Err(AddrError::TooBroad { .. })
+        ));
+        assert!(matches!(
+            net("10.0.0.0/8").check_breadth(false),
+            Err(AddrError::TooBroad { .. })
+        ));
         assert!(net("10.0.0.0/8").check_breadth(true).is_ok());
         assert!(net("198.18.0.0/16").check_breadth(false).is_ok());
         assert!(net("2001:db8::/32").check_breadth(false).is_ok());
-        assert!(matches!(net("2001:db8::/31").check_breadth(false), Err(AddrError::TooBroad { .. })));
+        assert!(matches!(
+            net("2001:db8::/31").check_breadth(false),
+            Err(AddrError::TooBroad { .. })
+        ));
     }
 
     #[test]
     fn refuses_non_sources() {
         for s in ["0.0.0.0", "255.255.255.255", "224.0.0.1", "ff02::1", "::"] {
-            assert!(matches!(net(s).check_source(), Err(AddrError::NotASource { .. })), "{s}");
+            assert!(
+                matches!(net(s).check_source(), Err(AddrError::NotASource { .. })),
+                "{s}"
+            );
         }
         assert!(net("198.18.0.7").check_source().is_ok());
     }

@@ -205,7 +205,8 @@ fn enter_netns(name: &str) -> Result<()> {
 }
 
 fn parse_net(s: &str) -> Result<Net> {
-    s.parse::<Net>().with_context(|| format!("invalid address or range `{s}`"))
+    s.parse::<Net>()
+        .with_context(|| format!("invalid address or range `{s}`"))
 }
 
 fn open(root: &Path) -> Result<Maps> {
@@ -266,9 +267,8 @@ fn run_agent(
         .build()
         .context("building the runtime")?;
     rt.block_on(async move {
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("installing the SIGTERM handler")?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -284,7 +284,10 @@ fn run_agent(
         anyhow::Ok(())
     })?;
     // The pinned link keeps enforcing; only `detach` removes it.
-    info!(iface, "Agent stopping; the XDP program stays attached (pinned). Use `mirage-agent detach` to remove it.");
+    info!(
+        iface,
+        "Agent stopping; the XDP program stays attached (pinned). Use `mirage-agent detach` to remove it."
+    );
     Ok(())
 }
 
@@ -301,8 +304,9 @@ fn block(
     let expires_ns = match ttl {
         None => 0,
         Some(d) if d.is_zero() => bail!("--ttl must be positive"),
-        Some(d) => clock::boottime_ns()
-            .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        Some(d) => {
+            clock::boottime_ns().saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        }
     };
     let mut maps = open(root)?;
     let mode = Mode::try_from(maps.config()?.mode).unwrap_or(Mode::Firewall);
@@ -341,7 +345,9 @@ fn list(root: &Path, json: bool) -> Result<()> {
     let cfg = maps.config()?;
     let now = clock::boottime_ns();
     let listing = Listing {
-        mode: Mode::try_from(cfg.mode).map(Mode::name).unwrap_or("unknown"),
+        mode: Mode::try_from(cfg.mode)
+            .map(Mode::name)
+            .unwrap_or("unknown"),
         enabled: cfg.flags & agent_common::DataPathConfig::ENABLED != 0,
         allowlist: maps.allowlist()?.iter().map(Net::to_string).collect(),
         attackers: maps
@@ -349,7 +355,9 @@ fn list(root: &Path, json: bool) -> Result<()> {
             .into_iter()
             .map(|(net, e)| ListedAttacker {
                 net: net.to_string(),
-                action: Action::try_from(e.action).map(Action::name).unwrap_or("unknown"),
+                action: Action::try_from(e.action)
+                    .map(Action::name)
+                    .unwrap_or("unknown"),
                 expires_in_secs: (e.expires_ns != 0)
                     .then(|| (e.expires_ns as f64 - now as f64) / 1e9),
                 expired: e.expired(now),
@@ -362,7 +370,16 @@ fn list(root: &Path, json: bool) -> Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(out, "mode: {} ({})", listing.mode, if listing.enabled { "enforcing" } else { "not configured" })?;
+    writeln!(
+        out,
+        "mode: {} ({})",
+        listing.mode,
+        if listing.enabled {
+            "enforcing"
+        } else {
+            "not configured"
+        }
+    )?;
     writeln!(out, "allowlist ({}):", listing.allowlist.len())?;
     for a in &listing.allowlist {
         writeln!(out, "  {a}")?;
@@ -372,7 +389,9 @@ fn list(root: &Path, json: bool) -> Result<()> {
         let expiry = match a.expires_in_secs {
             None => "never".to_owned(),
             Some(_) if a.expired => "expired".to_owned(),
-            Some(s) => humantime::format_duration(Duration::from_secs(s.max(0.0) as u64)).to_string(),
+            Some(s) => {
+                humantime::format_duration(Duration::from_secs(s.max(0.0) as u64)).to_string()
+            }
         };
         writeln!(out, "  {:<42} {:<9} expires: {expiry}", a.net, a.action)?;
     }

@@ -156,14 +156,19 @@ mod tests {
 
     #[test]
     fn refuses_unknown_keys_and_bad_entries() {
-        assert!(matches!("mdoe = \"firewall\"".parse::<AgentConfig>(), Err(ConfigError::Parse(_))));
+        assert!(matches!(
+            "mdoe = \"firewall\"".parse::<AgentConfig>(),
+            Err(ConfigError::Parse(_))
+        ));
         assert!(matches!(
             "allowlist = [\"0.0.0.0/0\"]".parse::<AgentConfig>(),
             Err(ConfigError::Allow { .. })
         ));
-        assert!("allowlist = [\"0.0.0.0/0\"]\nallow_broad_ranges = true"
-            .parse::<AgentConfig>()
-            .is_ok());
+        assert!(
+            "allowlist = [\"0.0.0.0/0\"]\nallow_broad_ranges = true"
+                .parse::<AgentConfig>()
+                .is_ok()
+        );
         assert!(matches!(
             "allowlist = [\"198.18.0.1/24\"]".parse::<AgentConfig>(),
             Err(ConfigError::Allow { .. })

@@ -41,7 +41,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// bpffs is not mounted and could not be mounted.
-    #[error("bpffs is not mounted at {path} and mounting it failed; run `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "bpffs is not mounted at {path} and mounting it failed; run `mount -t bpf bpf /sys/fs/bpf`"
+    )]
     Bpffs {
         /// Where bpffs was expected.
         path: PathBuf,

@@ -146,7 +146,9 @@ impl Maps {
             flags: DataPathConfig::ENABLED,
             _pad: [0; 6],
         };
-        self.config.set(0, cfg, 0).map_err(op("write", names::CONFIG))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(op("write", names::CONFIG))
     }
 
     /// Adds a range to the allowlist.
@@ -263,11 +265,17 @@ impl Maps {
         }
         for item in self.ranges_v4.iter() {
             let (k, v) = item.map_err(op("iterate", names::ATTACKER_RANGES_V4))?;
-            out.push((Net::V4(Ipv4Addr::from(k.data()), prefix_u8(k.prefix_len())), v));
+            out.push((
+                Net::V4(Ipv4Addr::from(k.data()), prefix_u8(k.prefix_len())),
+                v,
+            ));
         }
         for item in self.ranges_v6.iter() {
             let (k, v) = item.map_err(op("iterate", names::ATTACKER_RANGES_V6))?;
-            out.push((Net::V6(Ipv6Addr::from(k.data()), prefix_u8(k.prefix_len())), v));
+            out.push((
+                Net::V6(Ipv6Addr::from(k.data()), prefix_u8(k.prefix_len())),
+                v,
+            ));
         }
         out.sort_by_key(|(n, _)| *n);
         Ok(out)
@@ -311,7 +319,11 @@ impl Maps {
             }
             out.push(SourceStats::new(k, &sum, now));
         }
-        out.sort_by(|a, b| b.total_packets.cmp(&a.total_packets).then(a.addr.cmp(&b.addr)));
+        out.sort_by(|a, b| {
+            b.total_packets
+                .cmp(&a.total_packets)
+                .then(a.addr.cmp(&b.addr))
+        });
         Ok(out)
     }
 

@@ -89,7 +89,14 @@ impl Lab {
             // No IPv6 autoconfiguration or DAD noise: the packets on the wire are the ones we send.
             ns.sysctl(&format!("net.ipv6.conf.{HOST_IFACE}.accept_ra"), "0")?;
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", HOST_IFACE])?;
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", HOST_IFACE, "nodad"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                HOST_IFACE,
+                "nodad",
+            ])?;
             ns.ip(&["link", "set", HOST_IFACE, "up"])?;
         }
         let lab = Self {
@@ -189,7 +196,11 @@ impl Agent {
         let link = link.join(format!("link-xdp-{HOST_IFACE}"));
         let deadline = Instant::now() + Duration::from_secs(20);
         // Attached once the link pin exists and the mode is configured.
-        while !(link.exists() && self.cli(&["list", "--json"]).is_ok_and(|o| o.contains("\"enabled\": true"))) {
+        while !(link.exists()
+            && self
+                .cli(&["list", "--json"])
+                .is_ok_and(|o| o.contains("\"enabled\": true")))
+        {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {

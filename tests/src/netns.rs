@@ -127,9 +127,75 @@ impl Drop for Netns {
 /// Creates a veth pair with one end in each namespace.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     ip(&[
-        "link", "add", a_name, "netns", a.name(), "type", "veth", "peer", "name", b_name, "netns",
+        "link",
+        "add",
+        a_name,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
         b.name(),
     ])
-    .with_context(|| format!("creating veth {a_name}@{} <-> {b_name}@{}", a.name(), b.name()))?;
+    .with_context(|| {
+        format!(
+            "creating veth {a_name}@{} <-> {b_name}@{}",
+            a.name(),
+            b.name()
+        )
+    })?;
     Ok(())
+}
+
+/// Runs `f` on a new thread that has entered network namespace `ns` (a name under /run/netns)
+/// and returns its result. Sockets created inside `f` belong to that namespace; the calling
+/// thread's namespace is untouched (network namespaces are per thread).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    spawn_in_netns(ns, f)?.join()
+}
+
+/// A thread running inside a network namespace; see [`spawn_in_netns`].
+pub struct NetnsThread<T> {
+    ns: String,
+    handle: std::thread::JoinHandle<Option<T>>,
+}
+
+impl<T> NetnsThread<T> {
+    /// Waits for the thread and returns what it returned.
+    pub fn join(self) -> Result<T> {
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.ns))?
+            .ok_or_else(|| anyhow::anyhow!("thread did not enter netns {}", self.ns))
+    }
+}
+
+/// Like [`in_netns`], but returns at once with the running thread.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<NetnsThread<T>> {
+    use std::os::fd::AsRawFd as _;
+    let path = std::path::Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        // SAFETY: a valid namespace fd; setns changes only this new thread's namespace.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let _ = tx.send(Err(std::io::Error::last_os_error()));
+            return None;
+        }
+        let _ = tx.send(Ok(()));
+        Some(f())
+    });
+    rx.recv()
+        .context("netns thread vanished")?
+        .with_context(|| format!("entering netns {ns}"))?;
+    Ok(NetnsThread {
+        ns: ns.to_owned(),
+        handle,
+    })
 }

@@ -443,7 +443,11 @@ mod tests {
             eth_v6(a6, b6, L4::tcp(40000, 22, SYN, b"x")),
             eth_v6(a6, b6, L4::udp(40000, 53, b"hello")),
             eth_v6(a6, b6, L4::icmpv6_echo(1, 1)),
-            eth(&[(ETH_P_8021Q, 7)], ETH_P_IP, &ipv4(a, b, L4::udp(1, 2, b"q"), &V4Opts::default())),
+            eth(
+                &[(ETH_P_8021Q, 7)],
+                ETH_P_IP,
+                &ipv4(a, b, L4::udp(1, 2, b"q"), &V4Opts::default()),
+            ),
         ] {
             verify_checksums(&f).unwrap();
         }

@@ -5,6 +5,11 @@
 //! change of every global counter; rows whose source can be parsed also check the per-source
 //! counters. Counters not named in a row must not move.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests panic on failure; helpers here are test code"
+)]
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -146,69 +151,439 @@ fn rows() -> Vec<Row> {
 
     vec![
         // Plain protocols, both families.
-        row("ipv4 tcp syn from a legit client passes", v4_from(LEGIT4, tcp_syn()), XDP_PASS, &[], Some(LEGIT4)),
-        row("ipv4 tcp syn from an attacker is dropped", v4_from(ATTACKER4, tcp_syn()), XDP_DROP, &[], Some(ATTACKER4)),
-        row("ipv4 udp from a legit client passes", v4_from(LEGIT4, udp()), XDP_PASS, &[], Some(LEGIT4)),
-        row("ipv4 udp from an attacker is dropped", v4_from(ATTACKER4, udp()), XDP_DROP, &[], Some(ATTACKER4)),
-        row("icmp echo from a legit client passes", v4_from(LEGIT4, L4::icmp_echo(7, 1)), XDP_PASS, &[], Some(LEGIT4)),
-        row("icmp echo from an attacker is dropped", v4_from(ATTACKER4, L4::icmp_echo(7, 1)), XDP_DROP, &[], Some(ATTACKER4)),
-        row("ipv6 tcp syn from a legit client passes", v6_from(LEGIT6, tcp_syn()), XDP_PASS, &[], Some(LEGIT6)),
-        row("ipv6 tcp syn from an attacker is dropped", v6_from(ATTACKER6, tcp_syn()), XDP_DROP, &[], Some(ATTACKER6)),
-        row("ipv6 udp from a legit client passes", v6_from(LEGIT6, udp()), XDP_PASS, &[], Some(LEGIT6)),
-        row("ipv6 udp from an attacker is dropped", v6_from(ATTACKER6, udp()), XDP_DROP, &[], Some(ATTACKER6)),
-        row("icmpv6 echo from a legit client passes", v6_from(LEGIT6, L4::icmpv6_echo(7, 1)), XDP_PASS, &[], Some(LEGIT6)),
-        row("icmpv6 echo from an attacker is dropped", v6_from(ATTACKER6, L4::icmpv6_echo(7, 1)), XDP_DROP, &[], Some(ATTACKER6)),
-        row("a protocol we do not parse (gre) is judged by source", v4_from(ATTACKER4, L4::raw(GRE, &[0, 0, 0x08, 0])), XDP_DROP, &[], Some(ATTACKER4)),
+        row(
+            "ipv4 tcp syn from a legit client passes",
+            v4_from(LEGIT4, tcp_syn()),
+            XDP_PASS,
+            &[],
+            Some(LEGIT4),
+        ),
+        row(
+            "ipv4 tcp syn from an attacker is dropped",
+            v4_from(ATTACKER4, tcp_syn()),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "ipv4 udp from a legit client passes",
+            v4_from(LEGIT4, udp()),
+            XDP_PASS,
+            &[],
+            Some(LEGIT4),
+        ),
+        row(
+            "ipv4 udp from an attacker is dropped",
+            v4_from(ATTACKER4, udp()),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "icmp echo from a legit client passes",
+            v4_from(LEGIT4, L4::icmp_echo(7, 1)),
+            XDP_PASS,
+            &[],
+            Some(LEGIT4),
+        ),
+        row(
+            "icmp echo from an attacker is dropped",
+            v4_from(ATTACKER4, L4::icmp_echo(7, 1)),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "ipv6 tcp syn from a legit client passes",
+            v6_from(LEGIT6, tcp_syn()),
+            XDP_PASS,
+            &[],
+            Some(LEGIT6),
+        ),
+        row(
+            "ipv6 tcp syn from an attacker is dropped",
+            v6_from(ATTACKER6, tcp_syn()),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER6),
+        ),
+        row(
+            "ipv6 udp from a legit client passes",
+            v6_from(LEGIT6, udp()),
+            XDP_PASS,
+            &[],
+            Some(LEGIT6),
+        ),
+        row(
+            "ipv6 udp from an attacker is dropped",
+            v6_from(ATTACKER6, udp()),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER6),
+        ),
+        row(
+            "icmpv6 echo from a legit client passes",
+            v6_from(LEGIT6, L4::icmpv6_echo(7, 1)),
+            XDP_PASS,
+            &[],
+            Some(LEGIT6),
+        ),
+        row(
+            "icmpv6 echo from an attacker is dropped",
+            v6_from(ATTACKER6, L4::icmpv6_echo(7, 1)),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER6),
+        ),
+        row(
+            "a protocol we do not parse (gre) is judged by source",
+            v4_from(ATTACKER4, L4::raw(GRE, &[0, 0, 0x08, 0])),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
         // VLAN tags.
-        row("802.1q-tagged ipv4 from an attacker is dropped", eth(&[(ETH_P_8021Q, 100)], ETH_P_IP, &ip4), XDP_DROP, &[], Some(ATTACKER4)),
-        row("qinq (802.1ad + 802.1q) ipv4 from an attacker is dropped", eth(&[(ETH_P_8021AD, 10), (ETH_P_8021Q, 100)], ETH_P_IP, &ip4), XDP_DROP, &[], Some(ATTACKER4)),
-        row("qinq ipv6 from an attacker is dropped", eth(&[(ETH_P_8021AD, 10), (ETH_P_8021Q, 100)], ETH_P_IPV6, &ip6), XDP_DROP, &[], Some(ATTACKER6)),
-        row("three vlan tags are beyond the parser: passed as not-ip", eth(&[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2), (ETH_P_8021Q, 3)], ETH_P_IP, &ip4), XDP_PASS, &[NotIp], None),
-        row("arp passes as not-ip", eth(&[], ETH_P_ARP, &[0u8; 28]), XDP_PASS, &[NotIp], None),
+        row(
+            "802.1q-tagged ipv4 from an attacker is dropped",
+            eth(&[(ETH_P_8021Q, 100)], ETH_P_IP, &ip4),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "qinq (802.1ad + 802.1q) ipv4 from an attacker is dropped",
+            eth(&[(ETH_P_8021AD, 10), (ETH_P_8021Q, 100)], ETH_P_IP, &ip4),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "qinq ipv6 from an attacker is dropped",
+            eth(&[(ETH_P_8021AD, 10), (ETH_P_8021Q, 100)], ETH_P_IPV6, &ip6),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER6),
+        ),
+        row(
+            "three vlan tags are beyond the parser: passed as not-ip",
+            eth(
+                &[(ETH_P_8021AD, 1), (ETH_P_8021Q, 2), (ETH_P_8021Q, 3)],
+                ETH_P_IP,
+                &ip4,
+            ),
+            XDP_PASS,
+            &[NotIp],
+            None,
+        ),
+        row(
+            "arp passes as not-ip",
+            eth(&[], ETH_P_ARP, &[0u8; 28]),
+            XDP_PASS,
+            &[NotIp],
+            None,
+        ),
         // IPv4 options and fragments.
-        row("ipv4 with router-alert option from an attacker is dropped", v4_opts(ATTACKER4, udp(), router_alert), XDP_DROP, &[], Some(ATTACKER4)),
-        row("ipv4 with 12 bytes of options from a legit client passes", v4_opts(LEGIT4, tcp_syn(), long_options), XDP_PASS, &[], Some(LEGIT4)),
-        row("ipv4 first fragment from an attacker is dropped", v4_opts(ATTACKER4, udp(), frag_first.clone()), XDP_DROP, &[Fragment], Some(ATTACKER4)),
-        row("ipv4 non-first fragment from an attacker is dropped by source", v4_opts(ATTACKER4, L4::raw(17, &[0xab; 24]), frag_later.clone()), XDP_DROP, &[Fragment], Some(ATTACKER4)),
-        row("ipv4 non-first fragment from a legit client passes", v4_opts(LEGIT4, L4::raw(17, &[0xab; 24]), frag_later), XDP_PASS, &[Fragment], Some(LEGIT4)),
+        row(
+            "ipv4 with router-alert option from an attacker is dropped",
+            v4_opts(ATTACKER4, udp(), router_alert),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER4),
+        ),
+        row(
+            "ipv4 with 12 bytes of options from a legit client passes",
+            v4_opts(LEGIT4, tcp_syn(), long_options),
+            XDP_PASS,
+            &[],
+            Some(LEGIT4),
+        ),
+        row(
+            "ipv4 first fragment from an attacker is dropped",
+            v4_opts(ATTACKER4, udp(), frag_first.clone()),
+            XDP_DROP,
+            &[Fragment],
+            Some(ATTACKER4),
+        ),
+        row(
+            "ipv4 non-first fragment from an attacker is dropped by source",
+            v4_opts(ATTACKER4, L4::raw(17, &[0xab; 24]), frag_later.clone()),
+            XDP_DROP,
+            &[Fragment],
+            Some(ATTACKER4),
+        ),
+        row(
+            "ipv4 non-first fragment from a legit client passes",
+            v4_opts(LEGIT4, L4::raw(17, &[0xab; 24]), frag_later),
+            XDP_PASS,
+            &[Fragment],
+            Some(LEGIT4),
+        ),
         // IPv6 extension headers and fragments.
-        row("ipv6 hop-by-hop + destination options before tcp, attacker, dropped", v6_ext(ATTACKER6, &[Ext::HopByHop(0), Ext::DstOpts(1)], tcp_syn()), XDP_DROP, &[], Some(ATTACKER6)),
-        row("ipv6 routing header before udp, legit, passes", v6_ext(LEGIT6, &[Ext::Routing(2)], udp()), XDP_PASS, &[], Some(LEGIT6)),
-        row("ipv6 first fragment from an attacker is dropped", v6_ext(ATTACKER6, &[Ext::Fragment { offset: 0, more: true }], udp()), XDP_DROP, &[Fragment], Some(ATTACKER6)),
-        row("ipv6 non-first fragment from an attacker is dropped by source", v6_ext(ATTACKER6, &[Ext::Fragment { offset: 100, more: false }], L4::raw(17, &[0xcd; 16])), XDP_DROP, &[Fragment], Some(ATTACKER6)),
-        row("ipv6 chain of nine extension headers: l4 unparsed, legit passes", v6_ext(LEGIT6, &[Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0)], udp()), XDP_PASS, &[L4ParseError], Some(LEGIT6)),
-        row("ipv6 chain of nine extension headers: attacker still dropped by source", v6_ext(ATTACKER6, &[Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0), Ext::DstOpts(0)], udp()), XDP_DROP, &[L4ParseError], Some(ATTACKER6)),
-        row("ipv6 hop-by-hop header cut short: legit passes", v6_ext(LEGIT6, &[Ext::Raw(0, vec![17])], L4::raw(17, &[])), XDP_PASS, &[L4ParseError], Some(LEGIT6)),
+        row(
+            "ipv6 hop-by-hop + destination options before tcp, attacker, dropped",
+            v6_ext(ATTACKER6, &[Ext::HopByHop(0), Ext::DstOpts(1)], tcp_syn()),
+            XDP_DROP,
+            &[],
+            Some(ATTACKER6),
+        ),
+        row(
+            "ipv6 routing header before udp, legit, passes",
+            v6_ext(LEGIT6, &[Ext::Routing(2)], udp()),
+            XDP_PASS,
+            &[],
+            Some(LEGIT6),
+        ),
+        row(
+            "ipv6 first fragment from an attacker is dropped",
+            v6_ext(
+                ATTACKER6,
+                &[Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                }],
+                udp(),
+            ),
+            XDP_DROP,
+            &[Fragment],
+            Some(ATTACKER6),
+        ),
+        row(
+            "ipv6 non-first fragment from an attacker is dropped by source",
+            v6_ext(
+                ATTACKER6,
+                &[Ext::Fragment {
+                    offset: 100,
+                    more: false,
+                }],
+                L4::raw(17, &[0xcd; 16]),
+            ),
+            XDP_DROP,
+            &[Fragment],
+            Some(ATTACKER6),
+        ),
+        row(
+            "ipv6 chain of nine extension headers: l4 unparsed, legit passes",
+            v6_ext(
+                LEGIT6,
+                &[
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                ],
+                udp(),
+            ),
+            XDP_PASS,
+            &[L4ParseError],
+            Some(LEGIT6),
+        ),
+        row(
+            "ipv6 chain of nine extension headers: attacker still dropped by source",
+            v6_ext(
+                ATTACKER6,
+                &[
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                    Ext::DstOpts(0),
+                ],
+                udp(),
+            ),
+            XDP_DROP,
+            &[L4ParseError],
+            Some(ATTACKER6),
+        ),
+        row(
+            "ipv6 hop-by-hop header cut short: legit passes",
+            v6_ext(LEGIT6, &[Ext::Raw(0, vec![17])], L4::raw(17, &[])),
+            XDP_PASS,
+            &[L4ParseError],
+            Some(LEGIT6),
+        ),
         // Truncation at every layer.
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (ETH_HLEN), so the
         // shortest frame a row can give is the bare header.
-        row("ethernet header alone, ipv4 ethertype, nothing after it", v4_from(ATTACKER4, udp())[..14].to_vec(), XDP_PASS, &[ParseError], None),
-        row("truncated vlan tag", eth(&[], ETH_P_8021Q, &[0x00]), XDP_PASS, &[ParseError], None),
-        row("truncated ipv4 header (source not readable)", v4_from(ATTACKER4, udp())[..14 + 12].to_vec(), XDP_PASS, &[ParseError], None),
-        row("ipv4 ihl below five words", bad_ihl, XDP_PASS, &[ParseError], None),
-        row("ipv4 options past the end of the packet", truncated_options, XDP_PASS, &[ParseError], None),
-        row("ipv4 ethertype with version 6", wrong_version4, XDP_PASS, &[ParseError], None),
-        row("truncated ipv6 header", v6_from(ATTACKER6, udp())[..14 + 30].to_vec(), XDP_PASS, &[ParseError], None),
-        row("ipv6 ethertype with version 4", wrong_version6, XDP_PASS, &[ParseError], None),
-        row("truncated tcp header from an attacker: dropped by source", v4_from(ATTACKER4, tcp_syn().truncated(10)), XDP_DROP, &[L4ParseError], Some(ATTACKER4)),
-        row("truncated tcp header from a legit client passes", v4_from(LEGIT4, tcp_syn().truncated(10)), XDP_PASS, &[L4ParseError], Some(LEGIT4)),
-        row("truncated udp header over ipv6 from an attacker: dropped by source", v6_from(ATTACKER6, udp().truncated(4)), XDP_DROP, &[L4ParseError], Some(ATTACKER6)),
-        row("truncated icmp header from a legit client passes", v4_from(LEGIT4, L4::icmp_echo(1, 1).truncated(3)), XDP_PASS, &[L4ParseError], Some(LEGIT4)),
+        row(
+            "ethernet header alone, ipv4 ethertype, nothing after it",
+            v4_from(ATTACKER4, udp())[..14].to_vec(),
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "truncated vlan tag",
+            eth(&[], ETH_P_8021Q, &[0x00]),
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "truncated ipv4 header (source not readable)",
+            v4_from(ATTACKER4, udp())[..14 + 12].to_vec(),
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "ipv4 ihl below five words",
+            bad_ihl,
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "ipv4 options past the end of the packet",
+            truncated_options,
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "ipv4 ethertype with version 6",
+            wrong_version4,
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "truncated ipv6 header",
+            v6_from(ATTACKER6, udp())[..14 + 30].to_vec(),
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "ipv6 ethertype with version 4",
+            wrong_version6,
+            XDP_PASS,
+            &[ParseError],
+            None,
+        ),
+        row(
+            "truncated tcp header from an attacker: dropped by source",
+            v4_from(ATTACKER4, tcp_syn().truncated(10)),
+            XDP_DROP,
+            &[L4ParseError],
+            Some(ATTACKER4),
+        ),
+        row(
+            "truncated tcp header from a legit client passes",
+            v4_from(LEGIT4, tcp_syn().truncated(10)),
+            XDP_PASS,
+            &[L4ParseError],
+            Some(LEGIT4),
+        ),
+        row(
+            "truncated udp header over ipv6 from an attacker: dropped by source",
+            v6_from(ATTACKER6, udp().truncated(4)),
+            XDP_DROP,
+            &[L4ParseError],
+            Some(ATTACKER6),
+        ),
+        row(
+            "truncated icmp header from a legit client passes",
+            v4_from(LEGIT4, L4::icmp_echo(1, 1).truncated(3)),
+            XDP_PASS,
+            &[L4ParseError],
+            Some(LEGIT4),
+        ),
         // Precedence.
-        row("allowlist range beats an exact attacker entry", v4_from("198.18.1.5", tcp_syn()), XDP_PASS, &[Allowlisted], Some("198.18.1.5")),
-        row("allowlisted host beats an attacker range", v4_from("198.18.9.9", tcp_syn()), XDP_PASS, &[Allowlisted], Some("198.18.9.9")),
-        row("ipv6 allowlisted host beats an attacker range", v6_from("2001:db8:1::5", tcp_syn()), XDP_PASS, &[Allowlisted], Some("2001:db8:1::5")),
-        row("attacker range drops a host inside it", v4_from("198.18.9.20", udp()), XDP_DROP, &[], Some("198.18.9.20")),
-        row("ipv6 attacker range drops a host inside it", v6_from("2001:db8:1::20", udp()), XDP_DROP, &[], Some("2001:db8:1::20")),
-        row("exact pass entry beats the range around it", v4_from("198.18.9.10", udp()), XDP_PASS, &[], Some("198.18.9.10")),
-        row("default action resolves to the mode's (firewall: drop)", v4_from("198.18.0.68", tcp_syn()), XDP_DROP, &[], Some("198.18.0.68")),
+        row(
+            "allowlist range beats an exact attacker entry",
+            v4_from("198.18.1.5", tcp_syn()),
+            XDP_PASS,
+            &[Allowlisted],
+            Some("198.18.1.5"),
+        ),
+        row(
+            "allowlisted host beats an attacker range",
+            v4_from("198.18.9.9", tcp_syn()),
+            XDP_PASS,
+            &[Allowlisted],
+            Some("198.18.9.9"),
+        ),
+        row(
+            "ipv6 allowlisted host beats an attacker range",
+            v6_from("2001:db8:1::5", tcp_syn()),
+            XDP_PASS,
+            &[Allowlisted],
+            Some("2001:db8:1::5"),
+        ),
+        row(
+            "attacker range drops a host inside it",
+            v4_from("198.18.9.20", udp()),
+            XDP_DROP,
+            &[],
+            Some("198.18.9.20"),
+        ),
+        row(
+            "ipv6 attacker range drops a host inside it",
+            v6_from("2001:db8:1::20", udp()),
+            XDP_DROP,
+            &[],
+            Some("2001:db8:1::20"),
+        ),
+        row(
+            "exact pass entry beats the range around it",
+            v4_from("198.18.9.10", udp()),
+            XDP_PASS,
+            &[],
+            Some("198.18.9.10"),
+        ),
+        row(
+            "default action resolves to the mode's (firewall: drop)",
+            v4_from("198.18.0.68", tcp_syn()),
+            XDP_DROP,
+            &[],
+            Some("198.18.0.68"),
+        ),
         // Expiry.
-        row("expired exact ipv4 entry acts as absent", v4_from("198.18.0.67", tcp_syn()), XDP_PASS, &[Expired], Some("198.18.0.67")),
-        row("expired exact ipv6 entry acts as absent", v6_from("2001:db8::67", tcp_syn()), XDP_PASS, &[Expired], Some("2001:db8::67")),
-        row("entry expiring in an hour still drops", v4_from("198.18.0.69", tcp_syn()), XDP_DROP, &[], Some("198.18.0.69")),
-        row("expired range acts as absent", v4_from("198.18.10.7", tcp_syn()), XDP_PASS, &[Expired], Some("198.18.10.7")),
+        row(
+            "expired exact ipv4 entry acts as absent",
+            v4_from("198.18.0.67", tcp_syn()),
+            XDP_PASS,
+            &[Expired],
+            Some("198.18.0.67"),
+        ),
+        row(
+            "expired exact ipv6 entry acts as absent",
+            v6_from("2001:db8::67", tcp_syn()),
+            XDP_PASS,
+            &[Expired],
+            Some("2001:db8::67"),
+        ),
+        row(
+            "entry expiring in an hour still drops",
+            v4_from("198.18.0.69", tcp_syn()),
+            XDP_DROP,
+            &[],
+            Some("198.18.0.69"),
+        ),
+        row(
+            "expired range acts as absent",
+            v4_from("198.18.10.7", tcp_syn()),
+            XDP_PASS,
+            &[Expired],
+            Some("198.18.10.7"),
+        ),
         // Reserved actions fail open until their rewrite exists.
-        row("redirect entry (reserved in this build) passes and is counted", v4_from("198.18.0.70", tcp_syn()), XDP_PASS, &[Unsupported], Some("198.18.0.70")),
+        row(
+            "redirect entry (reserved in this build) passes and is counted",
+            v4_from("198.18.0.70", tcp_syn()),
+            XDP_PASS,
+            &[Unsupported],
+            Some("198.18.0.70"),
+        ),
     ]
 }
 
@@ -266,16 +641,28 @@ fn fixture_table() {
         if let Some(src) = r.source {
             let b = src_before.get(&src).copied().unwrap_or((0, 0));
             let a = src_after.get(&src).copied().unwrap_or((0, 0));
-            let want = if r.action == XDP_DROP { (b.0, b.1 + 1) } else { (b.0 + 1, b.1) };
+            let want = if r.action == XDP_DROP {
+                (b.0, b.1 + 1)
+            } else {
+                (b.0 + 1, b.1)
+            };
             if a != want {
-                problems.push(format!("source {src} (pass, drop) {b:?} -> {a:?}, expected {want:?}"));
+                problems.push(format!(
+                    "source {src} (pass, drop) {b:?} -> {a:?}, expected {want:?}"
+                ));
             }
         }
         if !problems.is_empty() {
             failures.push(format!("{}: {}", r.desc, problems.join("; ")));
         }
     }
-    assert!(failures.is_empty(), "{} of {} rows failed:\n{}", failures.len(), rows.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows failed:\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -283,7 +670,10 @@ fn unconfigured_program_passes_everything() {
     let mut obj = Object::load().unwrap();
     // Attacker entries exist, but the agent has not enabled the data path yet.
     obj.maps
-        .block(ATTACKER4.parse().unwrap(), AttackerEntry::new(Action::Drop, 0))
+        .block(
+            ATTACKER4.parse().unwrap(),
+            AttackerEntry::new(Action::Drop, 0),
+        )
         .unwrap();
     let frame = v4_from(ATTACKER4, udp());
     let before = obj.maps.global().unwrap();
@@ -299,7 +689,11 @@ fn unconfigured_program_passes_everything() {
 fn baseline_program_passes() {
     let mut obj = Object::load().unwrap();
     let out = obj
-        .run(agent_common::programs::BASELINE, &v4_from(ATTACKER4, udp()), 1)
+        .run(
+            agent_common::programs::BASELINE,
+            &v4_from(ATTACKER4, udp()),
+            1,
+        )
         .unwrap();
     assert_eq!(out.action, XDP_PASS);
 }
