@@ -18,12 +18,14 @@ mod exec;
 mod setup;
 mod test;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// Developer tasks for the Mirage workspace.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about)]
+#[command(name = "xtask", bin_name = "cargo xtask", about)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -45,13 +47,22 @@ enum Task {
     Bench(bench::BenchArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.task {
+    let result: Result<()> = match cli.task {
         Task::Setup => setup::run(),
         Task::BuildEbpf => build_ebpf::run().map(|_| ()),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The chain, not a backtrace: the failing command was printed above, and
+            // RUST_BACKTRACE=1 (common in CI) would bury the message under xtask's own frames.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }

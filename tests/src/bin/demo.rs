@@ -120,6 +120,7 @@ fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
         agent.root().display(),
         agent_common::LAYOUT_VERSION
     );
+    println!("  (Timestamped lines are the agent's own log, on stderr.)");
 
     heading(style, 3, "Before blocking: both clients reach the host");
     println!("  The attacker map is empty, so the program passes everything.");
