@@ -7,6 +7,7 @@
 //! toward a real interface, and every namespace, veth, pin and process is removed by a guard's
 //! `Drop`, also when a test panics.
 
+pub mod bench;
 pub mod lab;
 pub mod netns;
 pub mod object;
