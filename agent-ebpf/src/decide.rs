@@ -46,7 +46,7 @@ fn count_source(src: &Source, action: Action, bytes: u64, now: u64) {
         Source::V4(a) => SourceKey::v4(*a),
         Source::V6(a) => SourceKey::v6(*a),
     };
-    if let Some(p) = SOURCE_STATS.get_ptr_mut(&key) {
+    if let Some(p) = SOURCE_STATS.get_ptr_mut(key) {
         // SAFETY: this CPU's copy of an LRU per-CPU value; the index is below ACTION_SLOTS by
         // construction of `Action::slot`, and `get_mut` keeps the access bounds-checked anyway.
         let c = unsafe { &mut *p };
@@ -71,7 +71,7 @@ fn count_source(src: &Source, action: Action, bytes: u64, now: u64) {
     }
     // BPF_NOEXIST: if another CPU inserted the key meanwhile, its entry (holding this CPU's
     // zeroed slot) stays; losing this one packet from the counters beats overwriting theirs.
-    let _ = SOURCE_STATS.insert(&key, &c, u64::from(BPF_NOEXIST));
+    let _ = SOURCE_STATS.insert(key, c, u64::from(BPF_NOEXIST));
 }
 
 /// A live (not expired) attacker entry's action, or `None`.

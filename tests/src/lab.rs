@@ -76,8 +76,18 @@ impl Lab {
         let host = Netns::new(&format!("mirage-{tag}-host"))?;
         let legit = Netns::new(&format!("mirage-{tag}-legit"))?;
         let attacker = Netns::new(&format!("mirage-{tag}-atk"))?;
-        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: the bridge floods multicast (MLD reports included) to every
+        // port like a plain segment, so the host sees every packet a client sends.
+        lan.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         lan.ip(&["link", "set", "br0", "up"])?;
+        for ns in [&host, &legit, &attacker] {
+            // A quiet segment: no duplicate-address detection (its solicitations come from `::`)
+            // and MLD reports repeated within milliseconds instead of over seconds, so that
+            // once the lab is up the only packets on the wire are the ones a test sends.
+            ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            ns.sysctl("net.ipv6.conf.default.mldv2_unsolicited_report_interval", "10")?;
+            ns.sysctl("net.ipv6.conf.default.mldv1_unsolicited_report_interval", "10")?;
+        }
         for (ns, port, v4, v6) in [
             (&host, "p-host", HOST_V4, HOST_V6),
             (&legit, "p-legit", LEGIT_V4, LEGIT_V6),
@@ -107,6 +117,26 @@ impl Lab {
         };
         lab.wait_reachable()?;
         Ok(lab)
+    }
+
+    /// Makes `client`'s neighbour entries for the host permanent, so the client never needs the
+    /// host's ARP or neighbour-discovery answers. With the client blocked, its IPv6 neighbour
+    /// solicitations are dropped like the rest of its packets, and its stack would otherwise
+    /// discard queued packets when resolution fails: with static entries every packet its stack
+    /// sends reaches the wire, which is what exact accounting tests need.
+    pub fn static_neighbours(&self, client: &Netns) -> Result<()> {
+        let out = self.host.ip(&["-j", "link", "show", HOST_IFACE])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mac = v[0]["address"]
+            .as_str()
+            .context("host eth0 has no MAC address")?
+            .to_owned();
+        for addr in [HOST_V4.to_string(), HOST_V6.to_string()] {
+            client.ip(&[
+                "neigh", "replace", &addr, "lladdr", &mac, "dev", HOST_IFACE, "nud", "permanent",
+            ])?;
+        }
+        Ok(())
     }
 
     fn wait_reachable(&self) -> Result<()> {

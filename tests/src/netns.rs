@@ -150,13 +150,6 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a new thread that has entered network namespace `ns` (a name under /run/netns)
-/// and returns its result. Sockets created inside `f` belong to that namespace; the calling
-/// thread's namespace is untouched (network namespaces are per thread).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    spawn_in_netns(ns, f)?.join()
-}
-
 /// A thread running inside a network namespace; see [`spawn_in_netns`].
 pub struct NetnsThread<T> {
     ns: String,
@@ -173,7 +166,9 @@ impl<T> NetnsThread<T> {
     }
 }
 
-/// Like [`in_netns`], but returns at once with the running thread.
+/// Runs `f` on a new thread that has entered network namespace `ns` (a name under /run/netns)
+/// and returns at once with the running thread, for work that outlives the caller's scope
+/// (floods, servers). For a call that returns a value, use [`crate::probe::in_netns`].
 pub fn spawn_in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,

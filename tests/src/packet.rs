@@ -209,7 +209,7 @@ pub struct V4Opts {
 /// An IPv4 packet carrying `l4`.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: L4, opts: &V4Opts) -> Vec<u8> {
     let mut options = opts.options.clone();
-    while options.len() % 4 != 0 {
+    while !options.len().is_multiple_of(4) {
         options.push(0); // End of Option List padding.
     }
     let ihl = 20 + options.len();
