@@ -50,7 +50,8 @@ pub mod maps {
     pub const ATTACKER_RANGES_V6: &str = "ATTACKER_RANGES_V6";
     /// `LruPerCpuHashMap<SourceKey, SourceCounters>`: per-source counters.
     pub const SOURCE_STATS: &str = "SOURCE_STATS";
-    /// `PerCpuArray<u64>` indexed by [`crate::Counter`]: global counters.
+    /// `PerCpuArray<GlobalCounters>` with one entry: the global counters, one struct per CPU
+    /// so the program updates them all through a single map lookup.
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 
     /// Every map that is pinned, in the order the agent reports them.
@@ -346,8 +347,16 @@ pub enum Counter {
     Unsupported = 15,
 }
 
-/// Number of slots in `GLOBAL_STATS`.
+/// Number of global counters.
 pub const COUNTERS: u32 = 16;
+
+/// The value of `GLOBAL_STATS`: every global counter, indexed by [`Counter`], for one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalCounters {
+    /// Counts indexed by [`Counter`] as `usize`.
+    pub counts: [u64; COUNTERS as usize],
+}
 
 impl Counter {
     /// Every counter, in index order.
@@ -418,6 +427,8 @@ mod pod {
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SourceCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GlobalCounters {}
 }
 
 #[cfg(test)]

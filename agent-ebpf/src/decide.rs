@@ -3,7 +3,7 @@
 //! dropped, whatever the attacker maps say.
 
 use agent_common::{
-    Action, AttackerEntry, Counter, DataPathConfig, Mode, SourceCounters, SourceKey,
+    Action, AttackerEntry, Counter, DataPathConfig, GlobalCounters, Mode, SourceCounters, SourceKey,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
@@ -20,21 +20,34 @@ use crate::{
     parse::{L4, NotParsed, Source, parse},
 };
 
-/// Adds `n` to a global counter. Per-CPU, so a plain add is race-free.
-#[inline(always)]
-pub fn count(counter: Counter, n: u64) {
-    if let Some(p) = GLOBAL_STATS.get_ptr_mut(counter as u32) {
-        // SAFETY: the pointer is this CPU's slot of a per-CPU array, valid for the program's run.
-        unsafe { *p += n };
-    }
-}
+/// This CPU's global counters: looked up once per packet, then updated in place.
+struct Stats(Option<&'static mut GlobalCounters>);
 
-/// Counts a packet and its bytes under the action it got.
-#[inline(always)]
-fn count_action(action: Action, bytes: u64) {
-    if let Some((packets, byte_counter)) = Counter::for_action(action) {
-        count(packets, 1);
-        count(byte_counter, bytes);
+impl Stats {
+    #[inline(always)]
+    fn get() -> Self {
+        // SAFETY: index 0 of a one-entry per-CPU array; the pointer is this CPU's copy, valid for
+        // the whole program run, and nothing else on this CPU touches it while we run.
+        Stats(GLOBAL_STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p }))
+    }
+
+    /// Adds `n` to a counter. Per-CPU, so a plain add is race-free.
+    #[inline(always)]
+    fn add(&mut self, counter: Counter, n: u64) {
+        if let Some(g) = self.0.as_deref_mut()
+            && let Some(v) = g.counts.get_mut(counter as usize)
+        {
+            *v += n;
+        }
+    }
+
+    /// Counts a packet and its bytes under the action it got.
+    #[inline(always)]
+    fn action(&mut self, action: Action, bytes: u64) {
+        if let Some((packets, byte_counter)) = Counter::for_action(action) {
+            self.add(packets, 1);
+            self.add(byte_counter, bytes);
+        }
     }
 }
 
@@ -76,12 +89,12 @@ fn count_source(src: &Source, action: Action, bytes: u64, now: u64) {
 
 /// A live (not expired) attacker entry's action, or `None`.
 #[inline(always)]
-fn live(entry: Option<&AttackerEntry>, now: u64) -> Option<u8> {
+fn live(entry: Option<&AttackerEntry>, now: u64, stats: &mut Stats) -> Option<u8> {
     let e = entry?;
     // Copy out at once: the map value may be replaced while we run.
     let (action, expires_ns) = (e.action, e.expires_ns);
     if AttackerEntry::new(Action::Default, expires_ns).expired(now) {
-        count(Counter::Expired, 1);
+        stats.add(Counter::Expired, 1);
         return None;
     }
     Some(action)
@@ -89,17 +102,17 @@ fn live(entry: Option<&AttackerEntry>, now: u64) -> Option<u8> {
 
 /// The attacker entry for `src`, exact entries before ranges.
 #[inline(always)]
-fn attacker(src: &Source, now: u64) -> Option<u8> {
+fn attacker(src: &Source, now: u64, stats: &mut Stats) -> Option<u8> {
     match src {
         Source::V4(a) => {
             // SAFETY: the value is copied out in `live` before anything else runs.
-            live(unsafe { ATTACKERS_V4.get(a) }, now)
-                .or_else(|| live(ATTACKER_RANGES_V4.get(Key::new(32, *a)), now))
+            live(unsafe { ATTACKERS_V4.get(a) }, now, stats)
+                .or_else(|| live(ATTACKER_RANGES_V4.get(Key::new(32, *a)), now, stats))
         }
         Source::V6(a) => {
             // SAFETY: as above.
-            live(unsafe { ATTACKERS_V6.get(a) }, now)
-                .or_else(|| live(ATTACKER_RANGES_V6.get(Key::new(128, *a)), now))
+            live(unsafe { ATTACKERS_V6.get(a) }, now, stats)
+                .or_else(|| live(ATTACKER_RANGES_V6.get(Key::new(128, *a)), now, stats))
         }
     }
 }
@@ -126,11 +139,12 @@ fn resolve(stored: u8, mode: Mode) -> Action {
 #[inline(always)]
 pub fn try_redirect(ctx: &XdpContext) -> Result<u32, ()> {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let mut stats = Stats::get();
     // SAFETY: index 0 exists in a one-entry array; copied out at once.
     let config: DataPathConfig = CONFIG.get(0).copied().unwrap_or_default();
     if config.flags & DataPathConfig::ENABLED == 0 {
-        count(Counter::Unconfigured, 1);
-        count_action(Action::Pass, bytes);
+        stats.add(Counter::Unconfigured, 1);
+        stats.action(Action::Pass, bytes);
         return Ok(xdp_action::XDP_PASS);
     }
     // An unknown mode fails open: nobody is treated as an attacker by default.
@@ -139,30 +153,30 @@ pub fn try_redirect(ctx: &XdpContext) -> Result<u32, ()> {
     let pkt = match parse(ctx) {
         Ok(p) => p,
         Err(why) => {
-            count(
+            stats.add(
                 match why {
                     NotParsed::NotIp => Counter::NotIp,
                     NotParsed::Malformed => Counter::ParseError,
                 },
                 1,
             );
-            count_action(Action::Pass, bytes);
+            stats.action(Action::Pass, bytes);
             return Ok(xdp_action::XDP_PASS);
         }
     };
     if pkt.fragment {
-        count(Counter::Fragment, 1);
+        stats.add(Counter::Fragment, 1);
     }
     if pkt.l4 == L4::Malformed {
-        count(Counter::L4ParseError, 1);
+        stats.add(Counter::L4ParseError, 1);
     }
 
     // SAFETY: a plain helper call with no arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let action = if allowlisted(&pkt.src) {
-        count(Counter::Allowlisted, 1);
+        stats.add(Counter::Allowlisted, 1);
         Action::Pass
-    } else if let Some(stored) = attacker(&pkt.src, now) {
+    } else if let Some(stored) = attacker(&pkt.src, now, &mut stats) {
         resolve(stored, mode)
     } else if mode == Mode::Honeypot {
         Action::Redirect
@@ -173,12 +187,12 @@ pub fn try_redirect(ctx: &XdpContext) -> Result<u32, ()> {
     // Redirect and reflect are reserved in the ABI; until their rewrite exists they fail open.
     let action = match action {
         Action::Redirect | Action::Reflect => {
-            count(Counter::Unsupported, 1);
+            stats.add(Counter::Unsupported, 1);
             Action::Pass
         }
         a => a,
     };
-    count_action(action, bytes);
+    stats.action(action, bytes);
     count_source(&pkt.src, action, bytes, now);
     Ok(match action {
         Action::Drop => xdp_action::XDP_DROP,

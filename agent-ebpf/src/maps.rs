@@ -5,7 +5,7 @@
 //! attacker state survives.
 
 use agent_common::{
-    AllowEntry, AttackerEntry, COUNTERS, DataPathConfig, SourceCounters, SourceKey, limits,
+    AllowEntry, AttackerEntry, DataPathConfig, GlobalCounters, SourceCounters, SourceKey, limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -46,4 +46,4 @@ pub static SOURCE_STATS: LruPerCpuHashMap<SourceKey, SourceCounters> =
     LruPerCpuHashMap::pinned(limits::SOURCES, 0);
 
 #[map(name = "GLOBAL_STATS")]
-pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
+pub static GLOBAL_STATS: PerCpuArray<GlobalCounters> = PerCpuArray::pinned(1, 0);

@@ -64,7 +64,8 @@ impl From<ModeName> for Mode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum XdpModeName {
-    /// Native (driver) mode, falling back to generic (SKB) mode with a warning.
+    /// Generic (SKB) mode on veth, where it is faster; elsewhere native (driver) mode, falling
+    /// back to generic mode with a warning.
     #[default]
     Auto,
     /// Native (driver) mode only.

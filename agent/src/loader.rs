@@ -248,6 +248,19 @@ pub fn attach(prog: &mut Xdp, root: &Path, iface: &str, mode: XdpModeName) -> Re
                 .map_err(|e| attach_err("generic", e))?,
             Attached::Generic,
         ),
+        XdpModeName::Auto if driver_name(iface).is_ok_and(|d| d == "veth") => {
+            info!(
+                iface,
+                "Interface is a veth: using generic (SKB) mode, which is faster there (native \
+                 mode copies every skb into an XDP buffer) and can forward into a peer that runs \
+                 no XDP program."
+            );
+            (
+                prog.attach(iface, XdpMode::Skb)
+                    .map_err(|e| attach_err("generic", e))?,
+                Attached::Generic,
+            )
+        }
         XdpModeName::Auto => match prog.attach(iface, XdpMode::Driver) {
             Ok(id) => (id, Attached::Native),
             Err(err) => {
@@ -278,6 +291,63 @@ pub fn attach(prog: &mut Xdp, root: &Path, iface: &str, mode: XdpModeName) -> Re
     })?;
     info!(iface, pin = %pin.display(), mode = ?attached, "Attached and pinned the XDP link.");
     Ok(attached)
+}
+
+/// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), e.g. `veth`, `mlx5_core`.
+pub fn driver_name(iface: &str) -> io::Result<String> {
+    /// `struct ethtool_drvinfo` from include/uapi/linux/ethtool.h.
+    #[repr(C)]
+    struct EthtoolDrvinfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    let name = iface.as_bytes();
+    // SAFETY: both structs are plain C data for which all-zero is a valid value.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= ifr.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&mut info as *mut EthtoolDrvinfo).cast();
+    // SAFETY: a plain socket call; the fd is closed by OwnedFd below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at a live ethtool_drvinfo.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SIOCETHTOOL,
+            &mut ifr,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 /// Removes the program from every interface it is pinned on, then the pinned maps. Returns the

@@ -8,7 +8,7 @@ use std::{
 };
 
 use agent_common::{
-    ACTION_SLOTS, Action, AllowEntry, AttackerEntry, COUNTERS, Counter, DataPathConfig, Mode,
+    ACTION_SLOTS, Action, AllowEntry, AttackerEntry, Counter, DataPathConfig, GlobalCounters, Mode,
     SourceCounters, SourceKey, maps as names,
 };
 use aya::maps::{
@@ -72,7 +72,7 @@ pub struct Maps {
     ranges_v4: LpmTrie<MapData, [u8; 4], AttackerEntry>,
     ranges_v6: LpmTrie<MapData, [u8; 16], AttackerEntry>,
     sources: PerCpuHashMap<MapData, SourceKey, SourceCounters>,
-    global: PerCpuArray<MapData, u64>,
+    global: PerCpuArray<MapData, GlobalCounters>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T> {
@@ -329,16 +329,17 @@ impl Maps {
 
     /// Global counters summed over CPUs, by name.
     pub fn global(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut out = BTreeMap::new();
-        for c in Counter::ALL {
-            let per_cpu = self
-                .global
-                .get(&(c as u32), 0)
-                .map_err(op("read", names::GLOBAL_STATS))?;
-            out.insert(c.name(), per_cpu.iter().sum());
-        }
-        debug_assert_eq!(out.len(), COUNTERS as usize);
-        Ok(out)
+        let per_cpu = self
+            .global
+            .get(&0, 0)
+            .map_err(op("read", names::GLOBAL_STATS))?;
+        Ok(Counter::ALL
+            .iter()
+            .map(|c| {
+                let i = *c as usize;
+                (c.name(), per_cpu.iter().map(|g| g.counts[i]).sum())
+            })
+            .collect())
     }
 }
 

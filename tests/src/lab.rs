@@ -78,15 +78,29 @@ impl Lab {
         let attacker = Netns::new(&format!("mirage-{tag}-atk"))?;
         // No multicast snooping: the bridge floods multicast (MLD reports included) to every
         // port like a plain segment, so the host sees every packet a client sends.
-        lan.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        lan.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         lan.ip(&["link", "set", "br0", "up"])?;
         for ns in [&host, &legit, &attacker] {
             // A quiet segment: no duplicate-address detection (its solicitations come from `::`)
             // and MLD reports repeated within milliseconds instead of over seconds, so that
             // once the lab is up the only packets on the wire are the ones a test sends.
             ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-            ns.sysctl("net.ipv6.conf.default.mldv2_unsolicited_report_interval", "10")?;
-            ns.sysctl("net.ipv6.conf.default.mldv1_unsolicited_report_interval", "10")?;
+            ns.sysctl(
+                "net.ipv6.conf.default.mldv2_unsolicited_report_interval",
+                "10",
+            )?;
+            ns.sysctl(
+                "net.ipv6.conf.default.mldv1_unsolicited_report_interval",
+                "10",
+            )?;
         }
         for (ns, port, v4, v6) in [
             (&host, "p-host", HOST_V4, HOST_V6),
@@ -133,7 +147,15 @@ impl Lab {
             .to_owned();
         for addr in [HOST_V4.to_string(), HOST_V6.to_string()] {
             client.ip(&[
-                "neigh", "replace", &addr, "lladdr", &mac, "dev", HOST_IFACE, "nud", "permanent",
+                "neigh",
+                "replace",
+                &addr,
+                "lladdr",
+                &mac,
+                "dev",
+                HOST_IFACE,
+                "nud",
+                "permanent",
             ])?;
         }
         Ok(())
@@ -196,6 +218,7 @@ pub fn ping(ns: &Netns, dst: IpAddr, count: u32, wait: Duration) -> Result<u32> 
 /// pin it made.
 pub struct Agent {
     bin: PathBuf,
+    log: PathBuf,
     root: PathBuf,
     netns: String,
     child: Option<std::process::Child>,
@@ -204,9 +227,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on the lab host's `eth0` and waits until it is attached.
     pub fn start(host: &Netns, args: &[&str]) -> Result<Self> {
-        let root = PathBuf::from(format!("/sys/fs/bpf/mirage-test-{}", unique_tag()));
+        let tag = unique_tag();
+        let root = PathBuf::from(format!("/sys/fs/bpf/mirage-test-{tag}"));
         let mut agent = Self {
             bin: binary("mirage-agent"),
+            log: std::env::temp_dir().join(format!("mirage-agent-{tag}.log")),
             root,
             netns: host.name().to_owned(),
             child: None,
@@ -219,7 +244,14 @@ impl Agent {
     pub fn spawn(&mut self, args: &[&str]) -> Result<()> {
         let mut cmd = self.command();
         cmd.args(["run", "--iface", HOST_IFACE]).args(args);
-        cmd.stdin(Stdio::null());
+        // The agent's log goes to a file (appended across restarts) so it does not interleave
+        // with test or demo output; `log()` reads it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        cmd.stdin(Stdio::null()).stderr(log);
         let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
         self.child = Some(child);
         let link = self.root.join(format!("v{}", agent_common::LAYOUT_VERSION));
@@ -234,10 +266,10 @@ impl Agent {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("mirage-agent exited early: {status}");
+                bail!("mirage-agent exited early: {status}\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("mirage-agent did not attach within 20 s");
+                bail!("mirage-agent did not attach within 20 s\n{}", self.log());
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -274,6 +306,11 @@ impl Agent {
         serde_json::from_str(&text).context("parsing top --json")
     }
 
+    /// What the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The bpffs root this agent pins under.
     pub fn root(&self) -> &Path {
         &self.root
@@ -292,5 +329,6 @@ impl Drop for Agent {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_file(&self.log);
     }
 }

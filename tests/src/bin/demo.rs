@@ -120,7 +120,9 @@ fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
         agent.root().display(),
         agent_common::LAYOUT_VERSION
     );
-    println!("  (Timestamped lines are the agent's own log, on stderr.)");
+    for line in agent.log().lines() {
+        println!("  agent log: {}", line.trim());
+    }
 
     heading(style, 3, "Before blocking: both clients reach the host");
     println!("  The attacker map is empty, so the program passes everything.");
