@@ -150,6 +150,23 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread into network namespace `name` (under /run/netns). Sockets the
+/// thread creates afterwards belong to that namespace; other threads are unaffected.
+pub fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("invalid network namespace name `{name}`");
+    }
+    let path = std::path::Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: a valid namespace fd that outlives the call; setns changes only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("entering network namespace {name}"));
+    }
+    Ok(())
+}
+
 /// A thread running inside a network namespace; see [`spawn_in_netns`].
 pub struct NetnsThread<T> {
     ns: String,
@@ -173,22 +190,15 @@ pub fn spawn_in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<NetnsThread<T>> {
-    use std::os::fd::AsRawFd as _;
-    let path = std::path::Path::new("/run/netns").join(ns);
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let name = ns.to_owned();
     let handle = std::thread::spawn(move || {
-        // SAFETY: a valid namespace fd; setns changes only this new thread's namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let _ = tx.send(Err(std::io::Error::last_os_error()));
-            return None;
-        }
-        let _ = tx.send(Ok(()));
-        Some(f())
+        let entered = enter_netns(&name);
+        let ok = entered.is_ok();
+        let _ = tx.send(entered);
+        ok.then(f)
     });
-    rx.recv()
-        .context("netns thread vanished")?
-        .with_context(|| format!("entering netns {ns}"))?;
+    rx.recv().context("netns thread vanished")??;
     Ok(NetnsThread {
         ns: ns.to_owned(),
         handle,

@@ -23,11 +23,8 @@
 //! ```
 
 use std::{
-    fs::File,
     io::{self, ErrorKind, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -36,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 
 /// How often the servers' loops look at their stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -47,23 +44,8 @@ const IDLE: Duration = Duration::from_secs(5);
 /// `/run/netns`, as made by `ip netns add` or [`crate::netns::Netns`]) and returns its result.
 /// The calling thread's namespace is untouched. A panic in `f` is resumed on the caller.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
-        bail!("invalid network namespace name `{ns}`");
-    }
-    let path = Path::new("/run/netns").join(ns);
-    let file = File::open(&path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
     thread::scope(|scope| {
-        let worker = scope.spawn(move || {
-            // SAFETY: `file` is an open namespace file; CLONE_NEWNET only changes this thread's
-            // network namespace, which is dropped with the thread when `f` returns.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error())
-                    .with_context(|| format!("entering network namespace {ns}"));
-            }
-            drop(file);
-            Ok(f())
-        });
+        let worker = scope.spawn(move || crate::netns::enter_netns(ns).map(|()| f()));
         match worker.join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 
-use super::enter_netns;
+use crate::netns::enter_netns;
 
 /// Datagrams per `sendmmsg` call.
 const BATCH: usize = 64;

@@ -22,11 +22,11 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mechanism {
     /// Mirage's XDP program (firewall mode), entries in its exact hash map, attached the way
-    /// the agent does by default (native where the driver supports it, as veth does).
+    /// the agent does by default (generic mode on veth).
     Xdp,
-    /// The same, forced into generic (SKB) mode: on veth the native path converts every skb
-    /// into an XDP buffer (often a reallocation and copy), which generic mode skips.
-    XdpGeneric,
+    /// The same, forced into native (driver) mode, shown for reference: on veth the native path
+    /// converts every skb into an XDP buffer (often a reallocation and copy).
+    XdpNative,
     /// One `iptables -A INPUT -s ADDR -j DROP` rule per address.
     IptablesPerIp,
     /// One nftables rule matching a set of addresses.
@@ -38,7 +38,7 @@ impl Mechanism {
     pub const fn name(self) -> &'static str {
         match self {
             Mechanism::Xdp => "mirage-xdp",
-            Mechanism::XdpGeneric => "mirage-xdp-generic",
+            Mechanism::XdpNative => "mirage-xdp-native",
             Mechanism::IptablesPerIp => "iptables-per-ip",
             Mechanism::NftSet => "nft-set",
         }
@@ -81,10 +81,10 @@ impl Installed {
         let ns = lab.host.name().to_owned();
         let last = *blocked.last().context("no address to block")?;
         match mech {
-            Mechanism::Xdp | Mechanism::XdpGeneric => {
+            Mechanism::Xdp | Mechanism::XdpNative => {
                 let mut args = vec!["--mode", "firewall"];
-                if mech == Mechanism::XdpGeneric {
-                    args.extend(["--xdp-mode", "generic"]);
+                if mech == Mechanism::XdpNative {
+                    args.extend(["--xdp-mode", "native"]);
                 }
                 let agent = Agent::start(&lab.host, &args)?;
                 let mut maps = Box::new(

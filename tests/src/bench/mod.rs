@@ -8,9 +8,9 @@ pub mod flood;
 pub mod iperf;
 pub mod mechanism;
 
-use std::{fmt::Display, fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, path::Path};
+use std::{fmt::Display, net::Ipv4Addr};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 /// One measurement, printed as one JSON line.
@@ -141,37 +141,6 @@ pub fn attacker_addr(i: u32) -> Ipv4Addr {
 )]
 pub fn note(msg: impl Display) {
     eprintln!("{msg}");
-}
-
-/// Moves the calling thread into the network namespace `/run/netns/<name>`.
-///
-/// Only this thread moves (`setns` with `CLONE_NEWNET` acts on the calling thread), so call it
-/// on a thread made for the purpose, never on one that goes on to do other work.
-pub fn enter_netns(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        bail!("invalid network namespace name `{name}`");
-    }
-    let path = Path::new("/run/netns").join(name);
-    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: a valid namespace fd that outlives the call; setns changes only this thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("entering network namespace {name}"));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a fresh thread inside namespace `name` and returns its result. Sockets made by
-/// `f` stay in that namespace after the thread ends.
-pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(name)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace {name} panicked"))?
-    })
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@
 //! runs twice: alone, and under a flood of a fixed 10,000 packets/s (the defended host's real
 //! job during an attack).
 //!
-//! XDP runs twice too: attached as the agent does by default (native on veth), and forced into
-//! generic (SKB) mode, which on veth avoids converting every skb into an XDP buffer. The
-//! comparison lines use the default; the generic variant's values are printed on their own.
+//! XDP runs twice too: attached as the agent does by default (generic mode on veth), and forced
+//! into native mode, which on veth converts every skb into an XDP buffer. The comparison lines
+//! use the default; the native variant's values are printed on their own.
 //!
 //! The labs exist side by side and the measurements are interleaved, mechanism after mechanism,
 //! for several rounds; the medians are reported. On a small shared machine the background load
@@ -40,11 +40,12 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use tests::{
     bench::{
-        Record, attacker_addr, flood, in_netns, iperf,
+        Record, attacker_addr, flood, iperf,
         mechanism::{Installed, Mechanism},
         median, note,
     },
     lab::{ATTACKER_V4, HOST_V4, Lab},
+    probe::in_netns,
 };
 
 const BENCH: &str = "veth";
@@ -73,7 +74,7 @@ const DRAIN: Duration = Duration::from_millis(300);
 
 const MECHANISMS: [Mechanism; 4] = [
     Mechanism::Xdp,
-    Mechanism::XdpGeneric,
+    Mechanism::XdpNative,
     Mechanism::IptablesPerIp,
     Mechanism::NftSet,
 ];
@@ -169,7 +170,7 @@ fn setup(mech: Mechanism, blocked: &[Ipv4Addr]) -> Result<Case> {
     let lab = Lab::new().context("building the lab")?;
     let sink = in_netns(lab.host.name(), || {
         UdpSocket::bind((HOST_V4, FLOOD_PORT)).context("binding the UDP sink in the host namespace")
-    })?;
+    })??;
     let t = Instant::now();
     let installed = Installed::install(mech, &lab, blocked)?;
     let description = installed.describe();
@@ -266,7 +267,7 @@ fn measure(case: &mut Case, threads: usize) -> Result<()> {
 }
 
 /// The JSON lines: per mechanism the offered rate; XDP (as the agent attaches it by default)
-/// against each baseline; and the forced-generic XDP variant's own values.
+/// against each baseline; and the forced-native XDP variant's own values.
 fn emit(cases: &[Case]) -> Result<()> {
     let flood_case = format!("udp-flood-drop/{BLOCKED}");
     let tcp_case = format!("legit-tcp-throughput/{BLOCKED}");
@@ -301,7 +302,7 @@ fn emit(cases: &[Case]) -> Result<()> {
     for c in cases {
         match c.mech {
             Mechanism::Xdp => {}
-            Mechanism::XdpGeneric => {
+            Mechanism::XdpNative => {
                 for (case, metric, value) in metrics(&c.samples) {
                     let r =
                         Record::alone(BENCH, format!("{case}/{}", c.mech.name()), metric, value);
