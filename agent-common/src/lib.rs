@@ -18,7 +18,7 @@
 /// Version of the map layout. It is part of the pin path, so a program with a different layout
 /// never reuses maps pinned by another (aya reuses a pinned map without checking its key or value
 /// size).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default bpffs directory under which the pinned state lives, as `<root>/v<LAYOUT_VERSION>/`.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/mirage";
@@ -27,6 +27,10 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/mirage";
 pub mod programs {
     /// The XDP entry point on the protected host's ingress.
     pub const XDP: &str = "redirect";
+    /// The TC (sched_cls) program on ingress that rewrites redirected and reflected flows. It
+    /// runs after `redirect` has passed a packet: XDP cannot tell a `CHECKSUM_PARTIAL` skb from
+    /// one with a full checksum, TC's checksum helpers can, so every rewrite happens here.
+    pub const TC: &str = "rewrite";
     /// An XDP program that returns `XDP_PASS` at once: the floor that `BPF_PROG_TEST_RUN` itself
     /// costs, measured beside the real program in `cargo xtask bench xdp`.
     pub const BASELINE: &str = "baseline";
@@ -54,8 +58,19 @@ pub mod maps {
     /// so the program updates them all through a single map lookup.
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 
+    /// `HashMap<TargetKey, Target>`: sandbox target per protected port (port 0: default).
+    pub const TARGETS: &str = "TARGETS";
+    /// `HashMap<PortKey, u8>`: ports that honeypot mode leaves to the real services.
+    pub const ALLOW_PORTS: &str = "ALLOW_PORTS";
+    /// `LruHashMap<FlowKey, FlowEntry>`: rewritten flows, one entry per direction.
+    pub const FLOWS: &str = "FLOWS";
+    /// `LruHashMap<SourceKey, RateState>`: reflect rate cap state per source.
+    pub const REFLECT_RATE: &str = "REFLECT_RATE";
+    /// `RingBuf` of [`crate::FlowEvent`]: new redirected and reflected flows.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+
     /// Every map that is pinned, in the order the agent reports them.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 14] = [
         CONFIG,
         ALLOW_V4,
         ALLOW_V6,
@@ -65,6 +80,11 @@ pub mod maps {
         ATTACKER_RANGES_V6,
         SOURCE_STATS,
         GLOBAL_STATS,
+        TARGETS,
+        ALLOW_PORTS,
+        FLOWS,
+        REFLECT_RATE,
+        FLOW_EVENTS,
     ];
 }
 
@@ -79,6 +99,16 @@ pub mod limits {
     pub const ALLOW: u32 = 1 << 14;
     /// Sources tracked in the per-source counters (LRU: the least recently seen are evicted).
     pub const SOURCES: u32 = 1 << 16;
+    /// Sandbox targets.
+    pub const TARGETS: u32 = 1024;
+    /// Honeypot allowlisted ports.
+    pub const ALLOW_PORTS: u32 = 1024;
+    /// Flow entries (two per rewritten flow).
+    pub const FLOWS: u32 = 1 << 18;
+    /// Sources tracked by the reflect rate cap.
+    pub const REFLECT_SOURCES: u32 = 1 << 14;
+    /// Bytes of the flow-event ring buffer.
+    pub const FLOW_EVENTS_BYTES: u32 = 1 << 18;
 }
 
 /// What the data path does with a packet. Stored as `u8` in [`AttackerEntry::action`].
@@ -209,6 +239,8 @@ impl TryFrom<u8> for Mode {
 /// Until userspace writes it the entry is all zeroes, which the kernel reads as
 /// [`DataPathConfig::ENABLED`] unset: every packet passes. A freshly loaded program is therefore
 /// inert until the agent has filled its maps.
+///
+/// Layout: 32 bytes, no implicit padding. Ports in host order; addresses in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataPathConfig {
@@ -216,13 +248,220 @@ pub struct DataPathConfig {
     pub mode: u8,
     /// Bit set of `DataPathConfig::*` flags.
     pub flags: u8,
+    /// [`RedirectModel`] as `u8`.
+    pub model: u8,
     /// Explicit padding, always zero.
-    pub _pad: [u8; 6],
+    pub _pad0: u8,
+    /// Reflected packets allowed per source and second; 0 disables reflection (reflect actions
+    /// then pass).
+    pub reflect_pps: u32,
+    /// First source port `full-nat` may allocate.
+    pub nat_port_min: u16,
+    /// Last source port `full-nat` may allocate.
+    pub nat_port_max: u16,
+    /// `full-nat` source address toward IPv4 sandboxes.
+    pub snat_v4: [u8; 4],
+    /// `full-nat` source address toward IPv6 sandboxes.
+    pub snat_v6: [u8; 16],
 }
 
 impl DataPathConfig {
     /// Set once the agent has configured the data path; without it every packet passes.
     pub const ENABLED: u8 = 1 << 0;
+}
+
+/// How redirected packets reach the sandbox.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RedirectModel {
+    /// DNAT only: the sandbox sees the attacker's address and routes replies back through the
+    /// protected host, which rewrites their source back.
+    #[default]
+    PreserveSource = 0,
+    /// DNAT and SNAT with a per-flow source port: the sandbox can be anywhere.
+    FullNat = 1,
+}
+
+impl TryFrom<u8> for RedirectModel {
+    type Error = u8;
+
+    #[inline(always)]
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            0 => Ok(RedirectModel::PreserveSource),
+            1 => Ok(RedirectModel::FullNat),
+            other => Err(other),
+        }
+    }
+}
+
+/// Address family tag used in keys (the values of `AF_INET` / `AF_INET6` are not used so the
+/// tag fits a byte and reads plainly).
+pub mod family {
+    /// IPv4: the address occupies the first 4 bytes of a 16-byte field, the rest zero.
+    pub const V4: u8 = 4;
+    /// IPv6.
+    pub const V6: u8 = 6;
+}
+
+/// Key of `TARGETS`: a protected port. Port 0 is the default target for the protocol and
+/// family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    /// Protected port, host order; 0 for the default target.
+    pub port: u16,
+    /// IP protocol (6 or 17).
+    pub proto: u8,
+    /// [`family`] of the attacker (and so of the sandbox).
+    pub family: u8,
+}
+
+/// Value of `TARGETS`: where redirected packets go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    /// Sandbox address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Sandbox port, host order; 0 keeps the protected port.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Key of `ALLOW_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Port, host order.
+    pub port: u16,
+    /// IP protocol (6 or 17).
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+
+/// Key of `FLOWS`: a packet's 5-tuple as it arrives, before any rewrite.
+///
+/// Layout: 40 bytes; addresses in network order (IPv4 in the first 4 bytes, rest zero), ports
+/// in host order, padding zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`family`].
+    pub family: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+/// What a flow entry does to the packets that match its key.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowKind {
+    /// Attacker to protected host, rewritten toward the sandbox.
+    RedirectForward = 1,
+    /// Sandbox back to the attacker, rewritten to come from the protected host.
+    RedirectReverse = 2,
+    /// Attacker to us, turned around toward the attacker's own port.
+    ReflectForward = 3,
+    /// The attacker's own service answering, turned around to the attacker's client.
+    ReflectReverse = 4,
+}
+
+impl TryFrom<u8> for FlowKind {
+    type Error = u8;
+
+    #[inline(always)]
+    fn try_from(v: u8) -> Result<Self, u8> {
+        match v {
+            1 => Ok(FlowKind::RedirectForward),
+            2 => Ok(FlowKind::RedirectReverse),
+            3 => Ok(FlowKind::ReflectForward),
+            4 => Ok(FlowKind::ReflectReverse),
+            other => Err(other),
+        }
+    }
+}
+
+/// Value of `FLOWS`: the addresses and ports a matching packet leaves with.
+///
+/// Layout: 48 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// New source address.
+    pub src: [u8; 16],
+    /// New destination address.
+    pub dst: [u8; 16],
+    /// New source port, host order.
+    pub sport: u16,
+    /// New destination port, host order.
+    pub dport: u16,
+    /// [`FlowKind`] as `u8`.
+    pub kind: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+    /// When the flow was created (`CLOCK_BOOTTIME` ns).
+    pub created_ns: u64,
+}
+
+/// A new rewritten flow, reported through the `FLOW_EVENTS` ring buffer so that sandbox
+/// records can be attributed to the attacker (the sandbox sees the NAT address under
+/// `full-nat`).
+///
+/// Layout: 88 bytes, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// When (`CLOCK_BOOTTIME` ns).
+    pub ts_ns: u64,
+    /// Attacker address.
+    pub attacker: [u8; 16],
+    /// Address the attacker connected to (the protected host).
+    pub orig_dst: [u8; 16],
+    /// Where the flow now goes: the sandbox (redirect) or the attacker (reflect).
+    pub target: [u8; 16],
+    /// Source address the target sees: the attacker (preserve-source), the NAT address
+    /// (full-nat) or the protected host (reflect).
+    pub nat_addr: [u8; 16],
+    /// Attacker port.
+    pub attacker_port: u16,
+    /// Protected port.
+    pub orig_dport: u16,
+    /// Target port.
+    pub target_port: u16,
+    /// Source port the target sees.
+    pub nat_port: u16,
+    /// [`FlowKind`] of the forward direction as `u8`.
+    pub kind: u8,
+    /// [`family`].
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`RedirectModel`] as `u8`.
+    pub model: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 4],
+}
+
+/// Value of `REFLECT_RATE`: a one-second window counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    /// Start of the current window (`CLOCK_BOOTTIME` ns).
+    pub window_start_ns: u64,
+    /// Packets reflected in the window.
+    pub count: u64,
 }
 
 /// Value of the allowlist tries. The presence of the key is what matters.
@@ -345,10 +584,27 @@ pub enum Counter {
     Unconfigured = 14,
     /// An action reserved in the ABI that this program does not implement yet; passed.
     Unsupported = 15,
+    /// New rewritten flows (both redirect and reflect).
+    FlowNew = 16,
+    /// A redirect or reflect that could not start: not a TCP SYN (the flow began before its
+    /// source became an attacker, or is not ours), a fragment, or ICMP; passed to the real host.
+    NotNewFlow = 17,
+    /// No sandbox target for the port and no default target; passed.
+    NoTarget = 18,
+    /// `full-nat` found no free source port; dropped.
+    NatExhausted = 19,
+    /// Reflected packets over the per-source cap; dropped.
+    ReflectLimited = 20,
+    /// A rewrite or redirect helper failed (should not happen); passed.
+    RewriteError = 21,
+    /// The FIB had no usable route or neighbour after a rewrite; handed to the kernel stack.
+    FibFallback = 22,
+    /// ICMP errors about a rewritten flow, rewritten too.
+    IcmpRewritten = 23,
 }
 
 /// Number of global counters.
-pub const COUNTERS: u32 = 16;
+pub const COUNTERS: u32 = 24;
 
 /// The value of `GLOBAL_STATS`: every global counter, indexed by [`Counter`], for one CPU.
 #[repr(C)]
@@ -377,6 +633,14 @@ impl Counter {
         Counter::ReflectBytes,
         Counter::Unconfigured,
         Counter::Unsupported,
+        Counter::FlowNew,
+        Counter::NotNewFlow,
+        Counter::NoTarget,
+        Counter::NatExhausted,
+        Counter::ReflectLimited,
+        Counter::RewriteError,
+        Counter::FibFallback,
+        Counter::IcmpRewritten,
     ];
 
     /// The name used in JSON and metrics.
@@ -398,6 +662,14 @@ impl Counter {
             Counter::ReflectBytes => "reflect_bytes",
             Counter::Unconfigured => "unconfigured",
             Counter::Unsupported => "unsupported",
+            Counter::FlowNew => "flow_new",
+            Counter::NotNewFlow => "not_new_flow",
+            Counter::NoTarget => "no_target",
+            Counter::NatExhausted => "nat_exhausted",
+            Counter::ReflectLimited => "reflect_limited",
+            Counter::RewriteError => "rewrite_error",
+            Counter::FibFallback => "fib_fallback",
+            Counter::IcmpRewritten => "icmp_rewritten",
         }
     }
 
@@ -429,6 +701,20 @@ mod pod {
     unsafe impl aya::Pod for super::SourceCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GlobalCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TargetKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Target {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RateState {}
 }
 
 #[cfg(test)]
@@ -439,7 +725,14 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<DataPathConfig>(), 8);
+        assert_eq!(size_of::<DataPathConfig>(), 32);
+        assert_eq!(size_of::<TargetKey>(), 4);
+        assert_eq!(size_of::<Target>(), 20);
+        assert_eq!(size_of::<PortKey>(), 4);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowEntry>(), 48);
+        assert_eq!(size_of::<FlowEvent>(), 88);
+        assert_eq!(size_of::<RateState>(), 16);
         assert_eq!(size_of::<AllowEntry>(), 4);
         assert_eq!(size_of::<AttackerEntry>(), 16);
         assert_eq!(size_of::<SourceKey>(), 16);

@@ -8,7 +8,7 @@ use agent_common::programs;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
 };
 
 use crate::netns::unique_tag;
@@ -42,6 +42,11 @@ impl Object {
         let maps = loader::take_maps(&mut ebpf)?;
         loader::xdp_program(&mut ebpf, programs::XDP)?;
         loader::xdp_program(&mut ebpf, programs::BASELINE)?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(programs::TC)
+            .context("the TC program is missing from the object")?
+            .try_into()?;
+        tc.load().context("loading the TC program (verifier)")?;
         Ok(Self { ebpf, maps, root })
     }
 
@@ -62,6 +67,34 @@ impl Object {
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult {
+            action: r.return_value,
+            output: out,
+            ns_per_run: r.duration.as_nanos() as f64,
+        })
+    }
+}
+
+impl Object {
+    /// Runs the TC program over `packet` once through `BPF_PROG_TEST_RUN` (as an skb arriving
+    /// on loopback of the calling thread's network namespace). Returns the TC verdict and the
+    /// packet as the program left it.
+    pub fn run_tc(&mut self, packet: &[u8]) -> Result<RunResult> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC)
+            .context("program rewrite")?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN (tc)")?;
         out.truncate(r.data_size_out as usize);
         Ok(RunResult {
             action: r.return_value,

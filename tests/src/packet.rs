@@ -161,6 +161,30 @@ impl L4 {
         }
     }
 
+    /// An ICMP error (IPv4) of `icmp_type`/`code` quoting `quoted` (an IP packet's first bytes).
+    pub fn icmp_error(icmp_type: u8, code: u8, quoted: &[u8]) -> Self {
+        let mut b = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(quoted);
+        Self {
+            proto: ICMP,
+            bytes: b,
+            csum_at: Some(2),
+            pseudo: false,
+        }
+    }
+
+    /// An ICMPv6 error of `icmp_type`/`code` quoting `quoted`.
+    pub fn icmpv6_error(icmp_type: u8, code: u8, quoted: &[u8]) -> Self {
+        let mut b = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+        b.extend_from_slice(quoted);
+        Self {
+            proto: ICMPV6,
+            bytes: b,
+            csum_at: Some(2),
+            pseudo: true,
+        }
+    }
+
     /// Raw bytes of another protocol, no checksum filled.
     pub fn raw(proto: u8, bytes: &[u8]) -> Self {
         Self {
@@ -395,11 +419,18 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                     }
                 }
                 ICMP => {
-                    if sum16(seg, 0) == 0xffff {
-                        Ok(())
-                    } else {
-                        Err("ICMP checksum".into())
+                    if sum16(seg, 0) != 0xffff {
+                        return Err("ICMP checksum".into());
                     }
+                    // An error quotes an IPv4 header whose own checksum must hold too.
+                    if matches!(seg[0], 3 | 11 | 12) && seg.len() >= 28 {
+                        let q = &seg[8..];
+                        let qihl = usize::from(q[0] & 0x0f) * 4;
+                        if q.len() >= qihl && sum16(&q[..qihl], 0) != 0xffff {
+                            return Err("quoted IPv4 header checksum".into());
+                        }
+                    }
+                    Ok(())
                 }
                 _ => Ok(()),
             }

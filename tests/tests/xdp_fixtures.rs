@@ -576,12 +576,12 @@ fn rows() -> Vec<Row> {
             &[Expired],
             Some("198.18.10.7"),
         ),
-        // Reserved actions fail open until their rewrite exists.
+        // A redirect with nowhere to go fails open, counted.
         row(
-            "redirect entry (reserved in this build) passes and is counted",
+            "redirect entry with no sandbox target configured passes",
             v4_from("198.18.0.70", tcp_syn()),
             XDP_PASS,
-            &[Unsupported],
+            &[NoTarget],
             Some("198.18.0.70"),
         ),
     ]
