@@ -59,17 +59,17 @@ fn diff16(old: &[u8; 16], new: &[u8; 16]) -> Result<u64, i64> {
 /// Rewrites an ICMP error about a rewritten flow and forwards it; other errors pass.
 #[inline(never)]
 pub fn rewrite_error(ctx: &TcContext, pkt: &Packet) -> i32 {
-    try_forward_error(ctx, pkt).unwrap_or(TC_ACT_OK as i32)
+    try_forward_error(ctx, pkt).unwrap_or(TC_ACT_OK)
 }
 
 #[inline(always)]
 fn try_forward_error(ctx: &TcContext, pkt: &Packet) -> Result<i32, ()> {
     match rewrite_quoted(ctx, pkt) {
         1 => {}
-        0 => return Ok(TC_ACT_OK as i32),
+        0 => return Ok(TC_ACT_OK),
         _ => {
             Stats::get().add(Counter::RewriteError, 1);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
     }
     Stats::get().add(Counter::IcmpRewritten, 1);

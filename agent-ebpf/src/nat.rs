@@ -50,19 +50,19 @@ const NAT_PORT_TRIES: u32 = 32;
 pub fn try_rewrite(ctx: &TcContext) -> Result<i32, ()> {
     let cfg = config();
     if cfg.flags & DataPathConfig::ENABLED == 0 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     // The packet lives in a per-CPU map slot, not on the stack: see `maps::SCRATCH`.
     let pkt = packet_scratch().ok_or(())?;
     *pkt = Packet::empty();
     if parse(ctx, pkt).is_err() {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     if icmp::is_error(pkt) {
         return Ok(icmp::rewrite_error(ctx, pkt));
     }
     if !pkt.has_ports() {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     Ok(handle(ctx, pkt, &cfg))
 }
@@ -72,7 +72,7 @@ pub fn try_rewrite(ctx: &TcContext) -> Result<i32, ()> {
 fn handle(ctx: &TcContext, pkt: &Packet, cfg: &DataPathConfig) -> i32 {
     match try_handle(ctx, pkt, cfg) {
         Ok(v) => v,
-        Err(()) => TC_ACT_OK as i32,
+        Err(()) => TC_ACT_OK,
     }
 }
 
@@ -84,22 +84,22 @@ fn try_handle(ctx: &TcContext, pkt: &Packet, cfg: &DataPathConfig) -> Result<i32
     let now = now_ns();
     let action = match decide_fresh(pkt, cfg, now, None) {
         Fresh::Act(a @ (Action::Redirect | Action::Reflect)) if starts_flow(pkt) => a,
-        _ => return Ok(TC_ACT_OK as i32),
+        _ => return Ok(TC_ACT_OK),
     };
     let mut stats = Stats::get();
     let mut fwd = FlowEntry::default();
     if action == Action::Redirect {
         // XDP passed it only with a target; a target removed since then fails open.
         let Some(t) = target(pkt) else {
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         };
         if !new_redirect(pkt, cfg, &t, now, &mut fwd) {
             stats.add(Counter::NatExhausted, 1);
-            return Ok(TC_ACT_SHOT as i32);
+            return Ok(TC_ACT_SHOT);
         }
     } else if !new_reflect(pkt, now, &mut fwd) {
         stats.add(Counter::RewriteError, 1);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     stats.add(Counter::FlowNew, 1);
     report(pkt, &fwd, cfg.model, now);
@@ -310,7 +310,7 @@ fn l4_csum(pkt: &Packet) -> (usize, bool) {
 fn apply_and_forward(ctx: &TcContext, pkt: &Packet, e: &FlowEntry) -> Result<i32, ()> {
     if rewrite(ctx, pkt, e) != 0 {
         Stats::get().add(Counter::RewriteError, 1);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     }
     Ok(forward(ctx, pkt, &e.src, &e.dst))
 }
@@ -441,7 +441,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, src: &[u8; 16], dst: &[u8; 16]) ->
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(6, &p.smac, 0).is_err() {
             stats.add(Counter::RewriteError, 1);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
         // SAFETY: a plain helper call.
         return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
@@ -454,5 +454,5 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, src: &[u8; 16], dst: &[u8; 16]) ->
         }
     }
     stats.add(Counter::FibFallback, 1);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
