@@ -71,6 +71,12 @@ pub const SANDBOX_SSH_PORT: u16 = 2222;
 pub const SANDBOX_WEB_PORT: u16 = 8080;
 /// The sandbox's DNS emulation.
 pub const SANDBOX_DNS_PORT: u16 = 5353;
+/// A host port (TCP and UDP, served on the host) whose target is a closed sandbox port
+/// ([`SANDBOX_CLOSED_PORT`]): the sandbox answers a redirected attacker with a reset or an ICMP
+/// port-unreachable error about the rewritten flow, while everyone else gets the host's answer.
+pub const CLOSED_PORT: u16 = 5060;
+/// The closed sandbox port.
+pub const SANDBOX_CLOSED_PORT: u16 = 5061;
 /// The port the attacker itself listens on (TCP and UDP) for the reflect scenarios; nothing
 /// listens on it on the host.
 pub const REFLECT_PORT: u16 = 7777;
@@ -238,8 +244,8 @@ impl SandboxLab {
     }
 
     /// The agent configuration for `mode` with this lab's model and the standard targets:
-    /// 22/tcp → sandbox 2222, 80/tcp → 8080, 53/udp → 5353, anything else → 2222, for each
-    /// family. `extra` is TOML with more top-level keys (it goes before the target tables).
+    /// 22/tcp → sandbox 2222, 80/tcp → 8080, 53/udp → 5353, 5060 → 5061 (closed), anything
+    /// else → 2222, for each family. `extra` is TOML with more top-level keys (it goes before the target tables).
     pub fn config(&self, mode: &str, extra: &str) -> String {
         let mut toml = format!(
             "mode = \"{mode}\"\nredirect_model = \"{}\"\n",
@@ -258,6 +264,7 @@ impl SandboxLab {
                 (Some(SSH_PORT), "tcp", SANDBOX_SSH_PORT),
                 (Some(WEB_PORT), "tcp", SANDBOX_WEB_PORT),
                 (Some(DNS_PORT), "udp", SANDBOX_DNS_PORT),
+                (Some(CLOSED_PORT), "any", SANDBOX_CLOSED_PORT),
                 (None, "any", SANDBOX_SSH_PORT),
             ] {
                 toml.push_str("\n[[sandbox]]\n");
@@ -273,15 +280,15 @@ impl SandboxLab {
         toml
     }
 
-    /// The real services on the host (TCP 22 and 80, UDP 53, on both of its LAN addresses),
-    /// answering as `host`.
+    /// The real services on the host (TCP 22, 80 and 5060, UDP 53 and 5060, on both of its LAN
+    /// addresses), answering as `host`.
     pub fn host_services(&self) -> Result<Service> {
-        let tcp = [SSH_PORT, WEB_PORT];
+        let tcp = [SSH_PORT, WEB_PORT, CLOSED_PORT];
         Service::start(
             self.lab.host.name(),
             "host",
             &addrs(&[HOST_V4.into(), HOST_V6.into()], &tcp),
-            &addrs(&[HOST_V4.into(), HOST_V6.into()], &[DNS_PORT]),
+            &addrs(&[HOST_V4.into(), HOST_V6.into()], &[DNS_PORT, CLOSED_PORT]),
         )
     }
 
@@ -619,6 +626,35 @@ impl UdpClient {
     }
 }
 
+/// Sends `msg` from a *connected* UDP socket in `ns` to `dst` and waits for the answer. Unlike
+/// [`UdpClient`], a connected socket reports an ICMP port-unreachable error about its flow as
+/// `ConnectionRefused`, and the kernel matches that error to the socket by the header it
+/// quotes: so a refusal proves the error came back rewritten to name `dst`.
+pub fn udp_connected_ask(
+    ns: &str,
+    dst: SocketAddr,
+    msg: &str,
+    timeout: Duration,
+) -> Result<io::Result<Exchange>> {
+    let any: SocketAddr = match dst {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    in_netns(ns, || {
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(dst)?;
+        socket.send(msg.as_bytes())?;
+        socket.set_read_timeout(Some(timeout))?;
+        let mut buf = [0; 2048];
+        let n = socket.recv(&mut buf)?;
+        Ok(Exchange {
+            local: socket.local_addr()?,
+            remote: dst,
+            reply: String::from_utf8_lossy(&buf[..n]).parse()?,
+        })
+    })
+}
+
 /// A line of the agent's `--flow-log`: one new redirected or reflected flow.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct FlowLogLine {
@@ -682,6 +718,14 @@ impl SandboxAgent {
             args.extend(["--action", a]);
         }
         self.agent.cli(&args).map(|_| ())
+    }
+
+    /// `mirage-agent block ADDR --ttl SECONDS`: an entry the kernel ignores once it expires.
+    pub fn block_for(&self, addr: IpAddr, ttl: Duration) -> Result<()> {
+        let ttl = format!("{}ms", ttl.as_millis());
+        self.agent
+            .cli(&["block", &addr.to_string(), "--ttl", &ttl])
+            .map(|_| ())
     }
 
     /// `mirage-agent unblock ADDR`.

@@ -20,9 +20,10 @@ use std::{
 };
 
 use tests::sandbox_lab::{
-    DNS_PORT, Exchange, Family, FlowLogLine, LeakWatch, REFLECT_PORT, RedirectModel,
-    SANDBOX_DNS_PORT, SANDBOX_SSH_PORT, SANDBOX_WEB_PORT, SSH_PORT, SandboxAgent, SandboxLab,
-    Session, UNMAPPED_PORT, UdpClient, WEB_PORT, tcp_ask,
+    CLOSED_PORT, DNS_PORT, Exchange, Family, FlowLogLine, LeakWatch, REFLECT_PORT, RedirectModel,
+    SANDBOX_CLOSED_PORT, SANDBOX_DNS_PORT, SANDBOX_SSH_PORT, SANDBOX_WEB_PORT, SSH_PORT,
+    SandboxAgent, SandboxLab, Session, UNMAPPED_PORT, UdpClient, WEB_PORT, tcp_ask,
+    udp_connected_ask,
 };
 
 /// How long an exchange that should succeed may take (a first packet may wait for ARP/ND).
@@ -710,6 +711,132 @@ fn per_attacker_action_overrides_the_mode() {
         agent.diagnostics(),
         "legit"
     );
+}
+
+/// A closed sandbox port refuses the redirected attacker as if the host did: the reset comes
+/// back through the reverse rewrite, and the ICMP port-unreachable error about the UDP flow is
+/// rewritten with the header it quotes (the attacker's connected socket reports the refusal
+/// only if that header names its own flow). The host does serve that port, so a refusal can
+/// only come from the sandbox; and no frame names the sandbox link.
+#[test]
+fn closed_sandbox_port_refuses_as_the_host() {
+    for model in [RedirectModel::PreserveSource, RedirectModel::FullNat] {
+        let lab = SandboxLab::new(model).unwrap();
+        let _host = lab.host_services().unwrap();
+        let atk = lab.lab.attacker.name();
+        let watch = LeakWatch::start(atk).unwrap();
+        let agent = SandboxAgent::start(&lab, &lab.config("unreal", "")).unwrap();
+        for family in Family::ALL {
+            let ctx = format!("{} {family}", model.name());
+            let dst = sock(family.host(), CLOSED_PORT);
+            let ex = udp_connected_ask(lab.lab.legit.name(), dst, "legit", OK_TIMEOUT)
+                .unwrap()
+                .unwrap();
+            check_reply!(
+                &ex,
+                "host",
+                CLOSED_PORT,
+                family.legit(),
+                agent.diagnostics(),
+                "{ctx}: legit udp"
+            );
+            agent.block(family.attacker(), None).unwrap();
+            let r = udp_connected_ask(atk, dst, "knock", OK_TIMEOUT).unwrap();
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+                "{ctx}: udp to a closed sandbox port: {r:?}\n{}",
+                agent.diagnostics()
+            );
+            let r = tcp_ask(atk, dst, "knock", OK_TIMEOUT).unwrap();
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+                "{ctx}: tcp to a closed sandbox port: {r:?}\n{}",
+                agent.diagnostics()
+            );
+            // The refusals came from the sandbox: the flow log has both flows.
+            for proto in ["udp", "tcp"] {
+                let target = sock(family.sandbox(), SANDBOX_CLOSED_PORT);
+                let flow = agent
+                    .wait_flow(OK_TIMEOUT, |f| f.proto == proto && f.target == target)
+                    .unwrap();
+                assert!(
+                    flow.is_some(),
+                    "{ctx}: no {proto} flow to the closed port\n{}",
+                    agent.diagnostics()
+                );
+            }
+        }
+        let global = agent.global().unwrap();
+        assert!(
+            global.get("icmp_rewritten").copied().unwrap_or(0) >= 2,
+            "{}: {global:?}",
+            model.name()
+        );
+        assert_eq!(
+            watch.leaks(),
+            Vec::<String>::new(),
+            "{}: sandbox addresses reached the attacker",
+            model.name()
+        );
+    }
+}
+
+/// A redirected connection stays in the sandbox after its attacker entry expires (the expiry
+/// is checked in the kernel, with no agent action); new connections then reach the host.
+#[test]
+fn redirected_connection_outlives_its_attacker_entry() {
+    let lab = SandboxLab::new(RedirectModel::PreserveSource).unwrap();
+    let _host = lab.host_services().unwrap();
+    let _sandbox = lab.sandbox_services().unwrap();
+    let agent = SandboxAgent::start(&lab, &lab.config("unreal", "")).unwrap();
+    let atk = lab.lab.attacker.name();
+    let ttl = Duration::from_secs(2);
+    let mut sessions = Vec::new();
+    for family in Family::ALL {
+        agent.block_for(family.attacker(), ttl).unwrap();
+        let ssh = sock(family.host(), SSH_PORT);
+        let mut s = Session::open(atk, ssh, OK_TIMEOUT).unwrap().unwrap();
+        let ex = s.ask("flagged", OK_TIMEOUT).unwrap();
+        check_reply!(
+            &ex,
+            "sandbox",
+            SANDBOX_SSH_PORT,
+            family.attacker(),
+            agent.diagnostics(),
+            "{family}: while flagged"
+        );
+        sessions.push((family, s));
+    }
+    thread::sleep(ttl + Duration::from_millis(500));
+    for (family, mut s) in sessions {
+        let ex = s.ask("expired", OK_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "{family}: redirected connection broke on expiry: {e}\n{}",
+                agent.diagnostics()
+            )
+        });
+        check_reply!(
+            &ex,
+            "sandbox",
+            SANDBOX_SSH_PORT,
+            family.attacker(),
+            agent.diagnostics(),
+            "{family}: after expiry, same connection"
+        );
+        let ex = tcp_ask(atk, sock(family.host(), SSH_PORT), "new", OK_TIMEOUT)
+            .unwrap()
+            .unwrap();
+        check_reply!(
+            &ex,
+            "host",
+            SSH_PORT,
+            family.attacker(),
+            agent.diagnostics(),
+            "{family}: after expiry, new connection"
+        );
+    }
 }
 
 /// Flow-log lines parse as the agent's contract says.
