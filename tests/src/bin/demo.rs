@@ -1,9 +1,17 @@
-//! The Mirage demo (`cargo xtask demo`, as root): a protected host, a legitimate client and an
-//! attacker in three network namespaces; `mirage-agent` protects the host's interface in
-//! firewall mode. Both clients reach the host over TCP, UDP and ICMP; then the operator blocks
-//! the attacker, whose packets are dropped by the XDP program from then on, while the legitimate
-//! client is untouched. The lab, the agent and every pin are removed at the end, also on failure
-//! (RAII guards). Exits non-zero if anything did not behave as shown.
+//! The Mirage demo (`cargo xtask demo`, as root), in two acts.
+//!
+//! 1. The firewall: a protected host, a legitimate client and an attacker in three network
+//!    namespaces; `mirage-agent` protects the host's interface in firewall mode. Both clients
+//!    reach the host over TCP, UDP and ICMP; then the operator blocks the attacker, whose packets
+//!    are dropped by the XDP program from then on, while the legitimate client is untouched.
+//! 2. The sandbox (镜花水月): the same three hosts plus a sandbox namespace behind the host, and
+//!    the agent in `unreal` mode on both of the host's interfaces. Once the operator flags the
+//!    attacker, its new connections to the host's SSH port land in the sandbox, which sees the
+//!    attacker's real address, while the attacker's socket still talks to the host's address; the
+//!    legitimate client and the attacker's connection from before the flag keep the real service.
+//!
+//! Each act's lab, agent and pins are removed at its end, also on failure (RAII guards). Exits
+//! non-zero if anything did not behave as shown.
 #![expect(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -22,6 +30,10 @@ use tests::{
     lab::{ATTACKER_V4, Agent, HOST_IFACE, HOST_V4, LEGIT_V4, Lab, ping},
     netns::Netns,
     probe::{EchoServer, tcp_echo_roundtrip, udp_echo_roundtrip},
+    sandbox_lab::{
+        Exchange, HOST_SANDBOX_V4, RedirectModel, SANDBOX_IFACE, SANDBOX_SSH_PORT, SANDBOX_V4,
+        SSH_PORT, SandboxAgent, SandboxLab, Session, tcp_ask,
+    },
 };
 
 /// The echo service's port on the host (the classic echo port; the namespace is private).
@@ -29,7 +41,7 @@ const ECHO_PORT: u16 = 7;
 /// How long a probe waits: long enough for a healthy round trip on veth, short enough that the
 /// attacker's dropped probes do not make the demo drag.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-const STEPS: usize = 6;
+const STEPS: usize = 11;
 
 fn main() -> ExitCode {
     let style = Style::detect();
@@ -76,9 +88,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the demo; returns what the clean-up removed (checked after the guards dropped).
+/// Runs both acts; returns what the clean-up removed (checked after the guards dropped).
 fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
-    println!("{}", style.bold("Mirage demo: the XDP firewall"));
+    let mut cleanup = firewall_act(style, checks)?;
+    cleanup.extend(sandbox_act(style, checks)?);
+    Ok(cleanup)
+}
+
+/// Act 1: the firewall.
+fn firewall_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
+    println!("{}", style.bold("Mirage demo, act 1: the XDP firewall"));
     println!(
         "mirage-agent attaches an XDP program to the protected host's interface. In firewall mode\n\
          it drops every packet from a source in its attacker map before the kernel's network\n\
@@ -184,6 +203,220 @@ fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
     ])
 }
 
+/// Act 2: an attacker's SSH connection lands in the sandbox; the legitimate client's does not.
+fn sandbox_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
+    println!();
+    println!(
+        "{}",
+        style.bold("Mirage demo, act 2: into the sandbox (unreal mode)")
+    );
+    println!(
+        "In unreal mode the program does not drop a flagged attacker: it rewrites the attacker's\n\
+         new connections toward a sandbox host, and the sandbox's replies back, so the attacker\n\
+         keeps talking to \"the server\" while everything it does lands in the sandbox."
+    );
+
+    heading(
+        style,
+        7,
+        "Building the lab again, with a sandbox behind the host",
+    );
+    let lab = SandboxLab::new(RedirectModel::PreserveSource).context("building the sandbox lab")?;
+    println!(
+        "  attacker  {ATTACKER_V4:<12} ({})",
+        lab.lab.attacker.name()
+    );
+    println!("  legit     {LEGIT_V4:<12} ({})", lab.lab.legit.name());
+    println!(
+        "  host      {HOST_V4:<12} ({}), {HOST_IFACE} toward the clients, {SANDBOX_IFACE} \
+         {HOST_SANDBOX_V4} toward the sandbox",
+        lab.lab.host.name()
+    );
+    println!("  sandbox   {SANDBOX_V4:<12} ({})", lab.sandbox.name());
+    println!(
+        "  Only the host forwards, between its own two interfaces; the clients have no route to\n  \
+         the sandbox, and the sandbox routes its replies through the host (preserve-source)."
+    );
+    let ssh = SocketAddr::new(IpAddr::V4(HOST_V4), SSH_PORT);
+    let _host = lab.host_services().context("starting the host's service")?;
+    let _sandbox = lab
+        .sandbox_services()
+        .context("starting the sandbox's service")?;
+    println!(
+        "  The real service listens on {ssh} (host); its imitation on {} (sandbox).",
+        SocketAddr::new(IpAddr::V4(SANDBOX_V4), SANDBOX_SSH_PORT)
+    );
+    println!("  Each answers with its name and the client address it sees.");
+
+    heading(
+        style,
+        8,
+        &format!("Starting mirage-agent in unreal mode on {HOST_IFACE} and {SANDBOX_IFACE}"),
+    );
+    let config = lab.config("unreal", "");
+    println!(
+        "  $ mirage-agent --netns {} run --iface {HOST_IFACE} --iface {SANDBOX_IFACE} \
+         --config agent.toml --flow-log flows.jsonl",
+        lab.lab.host.name()
+    );
+    println!("  agent.toml (IPv4 targets shown; it has the same for IPv6):");
+    let mut blocks = config.split("\n[[sandbox]]\n");
+    for line in blocks.next().unwrap_or_default().lines() {
+        if !line.is_empty() {
+            println!("    {line}");
+        }
+    }
+    for block in blocks.filter(|b| !b.contains("fd6d:")) {
+        println!(
+            "    [[sandbox]] {}",
+            block.lines().collect::<Vec<_>>().join("  ")
+        );
+    }
+    let agent = SandboxAgent::start(&lab, &config).context("starting the agent")?;
+    let root = agent.agent().root().to_owned();
+
+    heading(
+        style,
+        9,
+        "Before flagging: both clients reach the real service",
+    );
+    let (atk, legit) = (lab.lab.attacker.name(), lab.lab.legit.name());
+    let ex = tcp_ask(legit, ssh, "hello", PROBE_TIMEOUT)?;
+    show(style, checks, "legit", ssh, ex.as_ref().ok(), "host");
+    let mut early =
+        Session::open(atk, ssh, PROBE_TIMEOUT)?.context("the attacker's first connection")?;
+    let ex = early.ask("hello", PROBE_TIMEOUT);
+    show(style, checks, "attacker", ssh, ex.as_ref().ok(), "host");
+    println!("  The attacker keeps this connection open.");
+
+    heading(
+        style,
+        10,
+        &format!(
+            "The operator flags the attacker ({ATTACKER_V4}): new connections go to the sandbox"
+        ),
+    );
+    println!("  $ mirage-agent block {ATTACKER_V4}");
+    agent
+        .block(IpAddr::V4(ATTACKER_V4), None)
+        .context("mirage-agent block")?;
+    let late = tcp_ask(atk, ssh, "whoami", PROBE_TIMEOUT)?;
+    show(
+        style,
+        checks,
+        "attacker",
+        ssh,
+        late.as_ref().ok(),
+        "sandbox",
+    );
+    if let Ok(ex) = &late {
+        let ok = ex.remote == ssh && ex.reply.peer == ex.local;
+        checks.expect(
+            ok,
+            "the attacker's socket is connected to the host and the sandbox sees its real address",
+        );
+        println!(
+            "  {} the attacker's socket {} is connected to {}; the sandbox saw {}",
+            mark(style, ok),
+            ex.local,
+            ex.remote,
+            ex.reply.peer
+        );
+    }
+    let ex = early.ask("still-there", PROBE_TIMEOUT);
+    show(style, checks, "attacker", ssh, ex.as_ref().ok(), "host");
+    println!("  (that was the connection opened before the flag: it is left alone until it ends)");
+    let ex = tcp_ask(legit, ssh, "hello-again", PROBE_TIMEOUT)?;
+    show(style, checks, "legit", ssh, ex.as_ref().ok(), "host");
+
+    heading(style, 11, "What the agent reports");
+    let flows = agent.flows().context("reading the flow log")?;
+    println!("  flows.jsonl (what attributes sandbox records to the attacker):");
+    for f in &flows {
+        println!(
+            "    {} {} {} {} -> {} via {}",
+            f.kind, f.model, f.proto, f.attacker, f.orig_dst, f.target
+        );
+    }
+    let logged = late
+        .as_ref()
+        .is_ok_and(|ex| flows.iter().any(|f| f.attacker == ex.local));
+    checks.expect(
+        logged,
+        "the flow log names the attacker's redirected connection",
+    );
+    println!("  $ mirage-agent top --once");
+    print_indented(
+        &agent
+            .agent()
+            .cli(&["top", "--once"])
+            .context("mirage-agent top")?,
+    );
+
+    let names: Vec<String> = lab
+        .namespaces()
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+    drop(early);
+    drop(agent);
+    drop(lab);
+    let remaining = netns_list()?;
+    let left: Vec<&String> = names.iter().filter(|n| remaining.contains(n)).collect();
+    checks.expect(
+        left.is_empty(),
+        &format!("no sandbox-lab namespace is left (left: {left:?})"),
+    );
+    checks.expect(
+        !root.exists(),
+        &format!("no pin is left under {}", root.display()),
+    );
+    Ok(vec![
+        "stopped the second mirage-agent and ran `mirage-agent detach`: XDP and TC detached, pins removed".to_owned(),
+        format!("deleted the namespaces {}", names.join(", ")),
+    ])
+}
+
+/// Prints and records who answered a TCP exchange, against who should have.
+fn show(
+    style: &Style,
+    checks: &mut Checks,
+    who: &str,
+    dst: SocketAddr,
+    ex: Option<&Exchange>,
+    expect: &str,
+) {
+    let (got, outcome) = match ex {
+        Some(ex) => (
+            ex.reply.who.as_str(),
+            format!(
+                "answered by the {} (it saw {})",
+                ex.reply.who, ex.reply.peer
+            ),
+        ),
+        None => ("nobody", "no answer".to_owned()),
+    };
+    let ok = got == expect;
+    let why = if ok {
+        String::new()
+    } else {
+        format!("  (expected the {expect})")
+    };
+    println!(
+        "  {} {who:<9} TCP to {dst:<18} {outcome}{why}",
+        mark(style, ok)
+    );
+    checks.expect(ok, &format!("{who}: TCP to {dst}: {outcome}{why}"));
+}
+
+fn mark(style: &Style, ok: bool) -> String {
+    if ok {
+        style.green("ok ")
+    } else {
+        style.red("BAD")
+    }
+}
+
 /// Probes TCP, UDP and ICMP from `ns` to the host and records whether each matched `expect`.
 fn probe_all(
     style: &Style,
@@ -230,11 +463,7 @@ fn report(style: &Style, checks: &mut Checks, who: &str, what: &str, got: bool, 
         "gets no answer"
     };
     let ok = got == expect;
-    let mark = if ok {
-        style.green("ok ")
-    } else {
-        style.red("BAD")
-    };
+    let mark = mark(style, ok);
     let why = if ok {
         String::new()
     } else {
