@@ -1,26 +1,35 @@
 //! The `mirage-agent` command line and what each command does.
 
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use agent_common::{Action, AttackerEntry, Mode, PIN_ROOT};
+use agent_common::{
+    Action, AttackerEntry, DataPathConfig, Mode, PIN_ROOT, RedirectModel, Target, TargetKey, family,
+};
 use anyhow::{Context as _, Result, bail};
+use aya::maps::{MapData, RingBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{info, warn};
 
 use crate::{
     addr::Net,
     clock,
-    config::{AgentConfig, ModeName, XdpModeName},
-    loader,
+    config::{
+        AgentConfig, ModeName, TargetAddr, XdpModeName, addr_from_bytes, family_name, model_name,
+        proto_name,
+    },
+    flow::{FlowLog, FlowRecord, ListedFlow},
+    loader::{self, LoaderError},
     maps::{Maps, SourceStats},
 };
 
-/// mirage-agent: the XDP enforcement point of Mirage.
+/// mirage-agent: the XDP/TC enforcement point of Mirage.
 #[derive(Debug, Parser)]
 #[command(name = "mirage-agent", version, about)]
 pub struct Cli {
@@ -46,9 +55,9 @@ pub enum ActionName {
     Drop,
     /// Let through (an exception inside a blocked range).
     Pass,
-    /// Send to the sandbox (needs the redirect data path).
+    /// Send to the sandbox.
     Redirect,
-    /// Connect back to the sender (needs the reflect data path).
+    /// Connect back to the sender (rate-capped by `reflect_pps`).
     Reflect,
 }
 
@@ -67,12 +76,14 @@ impl From<ActionName> for Action {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the program, attach it to IFACE, pin it, and run until stopped. The program stays
-    /// attached after the agent exits; a new `run` takes the pinned link over without a gap.
+    /// Load the programs, attach them to every IFACE, pin them, and run until stopped. The
+    /// programs stay attached after the agent exits; a new `run` takes the pinned links over
+    /// without a gap.
     Run {
-        /// Interface to protect.
-        #[arg(long)]
-        iface: String,
+        /// Interface to manage; repeat it for several (`--iface eth0 --iface eth1`): the one
+        /// attackers come in on and, when the sandbox sits behind another one, that one too.
+        #[arg(long = "iface", value_name = "IFACE", required = true)]
+        iface: Vec<String>,
         /// Data-path mode (overrides the configuration file).
         #[arg(long, value_enum)]
         mode: Option<ModeName>,
@@ -82,6 +93,10 @@ pub enum Command {
         /// XDP attach mode (overrides the configuration file).
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpModeName>,
+        /// Append one JSON object per new rewritten flow (attacker, original destination,
+        /// target, NAT address) to FILE, one line each.
+        #[arg(long, value_name = "FILE")]
+        flow_log: Option<PathBuf>,
     },
     /// Add an attacker address or range.
     Block {
@@ -115,11 +130,14 @@ pub enum Command {
         /// ADDR or ADDR/LEN, exactly as allowed.
         net: String,
     },
-    /// Show the mode, allowlist and attacker entries.
+    /// Show the mode, redirect settings, sandbox targets, allowlists and attacker entries.
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List the rewritten flows (both directions of each) instead.
+        #[arg(long)]
+        flows: bool,
     },
     /// Per-source counters, most packets first, refreshed every second.
     Top {
@@ -133,7 +151,7 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Remove the program from every interface and delete the pinned state.
+    /// Remove the programs from every interface and delete the pinned state.
     Detach,
 }
 
@@ -149,7 +167,15 @@ pub fn run(cli: Cli) -> Result<()> {
             mode,
             config,
             xdp_mode,
-        } => run_agent(&root, &iface, mode, config.as_deref(), xdp_mode),
+            flow_log,
+        } => run_agent(
+            &root,
+            &iface,
+            mode,
+            config.as_deref(),
+            xdp_mode,
+            flow_log.as_deref(),
+        ),
         Command::Block {
             net,
             ttl,
@@ -174,7 +200,8 @@ pub fn run(cli: Cli) -> Result<()> {
             info!(%net, "Removed from the allowlist.");
             Ok(())
         }
-        Command::List { json } => list(&root, json),
+        Command::List { json, flows: true } => list_flows(&root, json),
+        Command::List { json, flows: false } => list(&root, json),
         Command::Top { once, json, limit } => top(&root, once, json, limit),
         Command::Detach => {
             let ifaces = loader::detach(&root).context("detaching")?;
@@ -213,51 +240,192 @@ fn open(root: &Path) -> Result<Maps> {
     Maps::open_pinned(&loader::pin_dir(root)).context("opening the pinned maps")
 }
 
-/// Refuses modes and actions whose data path this build does not have yet, so that an operator
-/// never believes attackers are handled when the kernel would pass them.
-fn require_implemented(action: Action) -> Result<()> {
-    if matches!(action, Action::Redirect | Action::Reflect) {
+/// Refuses interface lists the kernel would refuse later, after maps were already written.
+fn check_ifaces(ifaces: &[String]) -> Result<()> {
+    for (i, name) in ifaces.iter().enumerate() {
+        // IFNAMSIZ is 16 with the NUL; `/` and NUL cannot be in a name; `all` and `default`
+        // would alias the sysctl directories the forwarding check reads.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['/', '\0'])
+            || name == "all"
+            || name == "default"
+            || name == "."
+            || name == ".."
+        {
+            bail!("invalid interface name `{name}`");
+        }
+        if ifaces[..i].contains(name) {
+            bail!("interface `{name}` is given twice with --iface");
+        }
+    }
+    Ok(())
+}
+
+/// Forwarding sysctls that are off, for the given families, as `(sysctl, /proc path)`. A
+/// rewritten packet leaves through the FIB (`bpf_fib_lookup`, which reports
+/// `BPF_FIB_LKUP_RET_FWD_DISABLED` when forwarding is off on the ingress device) or through the
+/// kernel's forwarding path: both need forwarding on, globally and on each ingress interface.
+fn forwarding_off(v4: bool, v6: bool, ifaces: &[String]) -> Result<Vec<String>> {
+    let mut off = Vec::new();
+    for (needed, fam) in [(v4, "ipv4"), (v6, "ipv6")] {
+        if !needed {
+            continue;
+        }
+        for scope in std::iter::once("all").chain(ifaces.iter().map(String::as_str)) {
+            let path = format!("/proc/sys/net/{fam}/conf/{scope}/forwarding");
+            let value = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading {path} (is {} enabled in this network namespace?)",
+                    if fam == "ipv4" { "IPv4" } else { "IPv6" }
+                )
+            })?;
+            if value.trim() == "0" {
+                // sysctl(8) writes `.` in interface names as `/` (eth0.100 -> eth0/100).
+                off.push(format!(
+                    "net.{fam}.conf.{}.forwarding",
+                    scope.replace('.', "/")
+                ));
+            }
+        }
+    }
+    Ok(off)
+}
+
+/// Refuses to run a mode that forwards rewritten packets when forwarding is off. The agent never
+/// turns forwarding on itself: that decides what the whole host routes, which is the operator's
+/// call.
+fn check_forwarding(cfg: &AgentConfig, ifaces: &[String]) -> Result<()> {
+    let mode = Mode::from(cfg.mode).name();
+    let (v4, v6) = cfg.forwarding_needed()?;
+    let off = forwarding_off(v4, v6, ifaces)?;
+    if let Some(first) = off.first() {
+        let fix: Vec<String> = off.iter().map(|s| format!("sysctl -w {s}=1")).collect();
         bail!(
-            "action `{}` needs the redirect/reflect data path, which this build does not have yet; use `drop`",
-            action.name()
+            "{first} is 0 in the agent's network namespace, and mode `{mode}` forwards rewritten \
+             packets; enable forwarding there first (`{}`); the agent does not change it itself",
+            fix.join("; ")
         );
+    }
+    if cfg.mode == ModeName::Firewall {
+        // Per-attacker `redirect` entries can still use the targets.
+        let targets = cfg.targets()?;
+        let has = |f| targets.iter().any(|(k, _)| k.family == f);
+        for s in forwarding_off(has(family::V4), has(family::V6), ifaces)? {
+            warn!(
+                sysctl = %s,
+                "Forwarding is off: attackers blocked with `--action redirect` will not reach the sandbox."
+            );
+        }
     }
     Ok(())
 }
 
 fn run_agent(
     root: &Path,
-    iface: &str,
+    ifaces: &[String],
     mode: Option<ModeName>,
     config: Option<&Path>,
     xdp_mode: Option<XdpModeName>,
+    flow_log: Option<&Path>,
 ) -> Result<()> {
-    let cfg = match config {
-        Some(p) => AgentConfig::load(p).with_context(|| format!("loading {}", p.display()))?,
-        None => AgentConfig::default(),
+    let what = match config {
+        Some(p) => format!("loading {}", p.display()),
+        None => "checking the built-in configuration (no --config)".to_owned(),
     };
-    let mode: Mode = mode.unwrap_or(cfg.mode).into();
-    require_implemented(mode.attacker_action())
-        .with_context(|| format!("mode `{}`", mode.name()))?;
+    let cfg = AgentConfig::load(config, mode).context(what)?;
+    let mode: Mode = cfg.mode.into();
+    let data_path = cfg.data_path()?;
+    let targets: Vec<(TargetKey, Target)> = cfg
+        .targets()?
+        .into_iter()
+        .map(|(k, t)| (k, t.into()))
+        .collect();
+    let allow_ports = cfg.allow_port_keys()?;
     let allow = cfg.allowlist_nets()?;
     let xdp_mode = xdp_mode.unwrap_or(cfg.xdp_mode);
+    check_ifaces(ifaces)?;
+    check_forwarding(&cfg, ifaces)?;
+    if mode == Mode::Reflect && cfg.reflect_pps == 0 {
+        warn!("reflect_pps is 0: reflection is disabled and attackers' packets pass.");
+    }
+    let mut flow_log = flow_log
+        .map(FlowLog::open)
+        .transpose()
+        .context("opening --flow-log")?;
 
     loader::ensure_bpffs(root)?;
     let dir = loader::pin_dir(root);
     let mut ebpf = loader::load(&dir)?;
-    // Fill the maps before the program is attached or swapped in: a new program must never run
-    // against a configuration that is not there yet.
+    // Verify every program before touching the maps: a pinned program from the previous run
+    // may still be enforcing, and must not see a new configuration that this run cannot
+    // complete.
+    loader::xdp_program(&mut ebpf, loader::XDP_PROGRAM)?;
+    // The TC rewriter is attached in every mode, firewall included: a restart into firewall
+    // mode must not cut flows that were redirected before it, and per-attacker `redirect` or
+    // `reflect` entries work in any mode. Only firewall mode can do without it.
+    let has_tc = match loader::tc_program(&mut ebpf, loader::TC_PROGRAM) {
+        Ok(_) => true,
+        Err(err @ LoaderError::MissingProgram { .. }) if mode == Mode::Firewall => {
+            warn!(
+                error = %err,
+                "No TC rewriter in this build: firewall mode works, but per-attacker redirect and reflect entries will pass."
+            );
+            false
+        }
+        Err(err @ LoaderError::MissingProgram { .. }) => {
+            return Err(err).with_context(|| {
+                format!(
+                    "mode `{}` rewrites packets, which needs the TC program `{}`; this build of \
+                     agent-ebpf does not have it (use --mode firewall)",
+                    mode.name(),
+                    loader::TC_PROGRAM
+                )
+            });
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let events = loader::take_flow_events(&mut ebpf)?;
+    // Fill the maps before the programs are attached or swapped in: a new program must never
+    // run against a configuration that is not there yet. Targets and ports are replaced by the
+    // file's; allowlist and attacker entries added at run time are kept. The CONFIG entry goes
+    // last, so the mode switches only once its targets are in place.
     let mut maps = loader::take_maps(&mut ebpf)?;
     for net in &allow {
         maps.allow(*net)?;
     }
-    maps.set_mode(mode)?;
-    let prog = loader::xdp_program(&mut ebpf, loader::XDP_PROGRAM)?;
-    let attached = loader::attach(prog, root, iface, xdp_mode)?;
+    maps.replace_targets(&targets)?;
+    maps.replace_allow_ports(&allow_ports)?;
+    maps.set_config(&data_path)?;
+
+    for iface in ifaces {
+        // The rewriter first: anything the decision program starts sending its way must find
+        // it there.
+        let tc = if has_tc {
+            let prog = loader::program_mut(&mut ebpf, loader::TC_PROGRAM, "TC")?;
+            Some(loader::attach_tc(prog, root, iface)?)
+        } else {
+            None
+        };
+        let prog = loader::program_mut(&mut ebpf, loader::XDP_PROGRAM, "XDP")?;
+        let xdp = loader::attach(prog, root, iface, xdp_mode)?;
+        info!(iface, ?xdp, ?tc, "Interface managed.");
+    }
+    for (iface, tc) in loader::pinned_links(root) {
+        if !ifaces.contains(&iface) {
+            warn!(
+                iface,
+                link = if tc { "TC" } else { "XDP" },
+                "A pinned link on an interface not given with --iface keeps running; `mirage-agent detach` removes every link."
+            );
+        }
+    }
     info!(
-        iface,
+        ifaces = ?ifaces,
         mode = mode.name(),
-        ?attached,
+        model = model_name(RedirectModel::try_from(data_path.model).unwrap_or_default()),
+        targets = targets.len(),
+        honeypot_allow_ports = allow_ports.len(),
         allowlisted = allow.len(),
         "Mirage agent running."
     );
@@ -267,13 +435,25 @@ fn run_agent(
         .build()
         .context("building the runtime")?;
     rt.block_on(async move {
+        // SAFETY: the ring buffer owns its map's fd (an `OwnedFd` inside `MapData`) for as long
+        // as the `AsyncFd` owns the ring buffer, and `as_raw_fd` always returns that same fd.
+        let mut events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(io::Error::from)
+            .context("registering the flow-event ring buffer with epoll")?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        // Events written while no agent ran are still in the pinned ring buffer: read them now.
+        drain_events(events.get_mut(), flow_log.as_mut());
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
+                guard = events.readable_mut() => {
+                    let mut guard = guard.context("polling the flow-event ring buffer")?;
+                    drain_events(guard.get_inner_mut(), flow_log.as_mut());
+                    guard.clear_ready();
+                }
                 _ = sweep.tick() => match maps.sweep_expired() {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "Swept expired attacker entries."),
@@ -283,12 +463,41 @@ fn run_agent(
         }
         anyhow::Ok(())
     })?;
-    // The pinned link keeps enforcing; only `detach` removes it.
+    // The pinned links keep enforcing; only `detach` removes them.
     info!(
-        iface,
-        "Agent stopping; the XDP program stays attached (pinned). Use `mirage-agent detach` to remove it."
+        ifaces = ?ifaces,
+        "Agent stopping; the programs stay attached (pinned). Use `mirage-agent detach` to remove them."
     );
     Ok(())
+}
+
+/// Reads every pending flow event: logs it and appends it to the flow log.
+fn drain_events(ring: &mut RingBuf<MapData>, mut log: Option<&mut FlowLog>) {
+    while let Some(item) = ring.next() {
+        let rec = match FlowRecord::decode(&item) {
+            Ok(r) => r,
+            Err(err) => {
+                warn!(error = %err, "Skipped a malformed flow event.");
+                continue;
+            }
+        };
+        drop(item);
+        info!(
+            kind = rec.kind,
+            model = rec.model,
+            proto = rec.proto,
+            attacker = %rec.attacker,
+            orig_dst = %rec.orig_dst,
+            target = %rec.target,
+            nat = %rec.nat,
+            "New rewritten flow."
+        );
+        if let Some(log) = log.as_deref_mut()
+            && let Err(err) = log.append(&rec)
+        {
+            warn!(error = %err, "Writing the flow log failed.");
+        }
+    }
 }
 
 fn block(
@@ -300,7 +509,6 @@ fn block(
 ) -> Result<()> {
     let net = parse_net(net)?.check_breadth(force)?.check_source()?;
     let action: Action = action.into();
-    require_implemented(action)?;
     let expires_ns = match ttl {
         None => 0,
         Some(d) if d.is_zero() => bail!("--ttl must be positive"),
@@ -309,17 +517,46 @@ fn block(
         }
     };
     let mut maps = open(root)?;
-    let mode = Mode::try_from(maps.config()?.mode).unwrap_or(Mode::Firewall);
-    require_implemented(match action {
-        Action::Default => mode.attacker_action(),
-        a => a,
-    })
-    .with_context(|| format!("the agent runs in mode `{}`", mode.name()))?;
+    warn_if_ineffective(root, &maps, net, action)?;
     if maps.is_allowlisted(net.addr())? {
         warn!(%net, "The address is allowlisted; the entry is stored but the allowlist wins.");
     }
     maps.block(net, AttackerEntry::new(action, expires_ns))?;
     info!(%net, action = action.name(), ?ttl, "Blocked.");
+    Ok(())
+}
+
+/// Warns when an attacker entry's action cannot take effect with what is in the maps now (the
+/// entry is still stored: the configuration may be completed later).
+fn warn_if_ineffective(root: &Path, maps: &Maps, net: Net, action: Action) -> Result<()> {
+    let cfg = maps.config()?;
+    let mode = Mode::try_from(cfg.mode).unwrap_or(Mode::Firewall);
+    let effective = match action {
+        Action::Default => mode.attacker_action(),
+        a => a,
+    };
+    if !matches!(effective, Action::Redirect | Action::Reflect) {
+        return Ok(());
+    }
+    if !loader::pinned_links(root).iter().any(|(_, tc)| *tc) {
+        warn!(%net, action = effective.name(), "No TC rewriter is attached; the kernel passes these packets.");
+    }
+    if effective == Action::Reflect && cfg.reflect_pps == 0 {
+        warn!(%net, "reflect_pps is 0: reflection is disabled, the kernel passes these packets.");
+    }
+    if effective == Action::Redirect {
+        let fam = match net {
+            Net::V4(..) => family::V4,
+            Net::V6(..) => family::V6,
+        };
+        if !maps.targets()?.iter().any(|(k, _)| k.family == fam) {
+            warn!(
+                %net,
+                family = family_name(fam),
+                "No sandbox target of this family is configured; the kernel passes these packets (counted as no_target)."
+            );
+        }
+    }
     Ok(())
 }
 
@@ -333,22 +570,97 @@ struct ListedAttacker {
 }
 
 #[derive(Serialize)]
+struct ListedTarget {
+    /// Protected port; 0 for the default target.
+    port: u16,
+    proto: &'static str,
+    family: &'static str,
+    /// Sandbox `ADDR[:PORT]`; without a port the protected port is kept.
+    target: String,
+}
+
+#[derive(Serialize)]
+struct ListedLink {
+    iface: String,
+    xdp: bool,
+    tc: bool,
+}
+
+#[derive(Serialize)]
 struct Listing {
     mode: &'static str,
     enabled: bool,
+    model: &'static str,
+    reflect_pps: u32,
+    nat_ports: [u16; 2],
+    snat_v4: Option<String>,
+    snat_v6: Option<String>,
+    links: Vec<ListedLink>,
+    targets: Vec<ListedTarget>,
+    honeypot_allow_ports: Vec<String>,
     allowlist: Vec<String>,
     attackers: Vec<ListedAttacker>,
 }
 
-fn list(root: &Path, json: bool) -> Result<()> {
-    let maps = open(root)?;
-    let cfg = maps.config()?;
+fn listed_links(root: &Path) -> Vec<ListedLink> {
+    let mut by_iface: BTreeMap<String, ListedLink> = BTreeMap::new();
+    for (iface, tc) in loader::pinned_links(root) {
+        let l = by_iface.entry(iface.clone()).or_insert(ListedLink {
+            iface,
+            xdp: false,
+            tc: false,
+        });
+        if tc {
+            l.tc = true;
+        } else {
+            l.xdp = true;
+        }
+    }
+    by_iface.into_values().collect()
+}
+
+fn snat(fam: u8, bytes: [u8; 16]) -> Option<String> {
+    (bytes != [0; 16])
+        .then(|| addr_from_bytes(fam, bytes))
+        .flatten()
+        .map(|ip| ip.to_string())
+}
+
+fn listing(root: &Path, maps: &Maps) -> Result<Listing> {
+    let cfg: DataPathConfig = maps.config()?;
     let now = clock::boottime_ns();
-    let listing = Listing {
+    let mut snat_v4 = [0u8; 16];
+    snat_v4[..4].copy_from_slice(&cfg.snat_v4);
+    Ok(Listing {
         mode: Mode::try_from(cfg.mode)
             .map(Mode::name)
             .unwrap_or("unknown"),
-        enabled: cfg.flags & agent_common::DataPathConfig::ENABLED != 0,
+        enabled: cfg.flags & DataPathConfig::ENABLED != 0,
+        model: RedirectModel::try_from(cfg.model)
+            .map(model_name)
+            .unwrap_or("unknown"),
+        reflect_pps: cfg.reflect_pps,
+        nat_ports: [cfg.nat_port_min, cfg.nat_port_max],
+        snat_v4: snat(family::V4, snat_v4),
+        snat_v6: snat(family::V6, cfg.snat_v6),
+        links: listed_links(root),
+        targets: maps
+            .targets()?
+            .into_iter()
+            .map(|(k, t)| ListedTarget {
+                port: k.port,
+                proto: proto_name(k.proto).unwrap_or("unknown"),
+                family: family_name(k.family),
+                target: addr_from_bytes(k.family, t.addr)
+                    .map(|addr| TargetAddr { addr, port: t.port }.to_string())
+                    .unwrap_or_else(|| "invalid".to_owned()),
+            })
+            .collect(),
+        honeypot_allow_ports: maps
+            .allow_ports()?
+            .into_iter()
+            .map(|k| format!("{}/{}", proto_name(k.proto).unwrap_or("unknown"), k.port))
+            .collect(),
         allowlist: maps.allowlist()?.iter().map(Net::to_string).collect(),
         attackers: maps
             .attackers()?
@@ -363,29 +675,85 @@ fn list(root: &Path, json: bool) -> Result<()> {
                 expired: e.expired(now),
             })
             .collect(),
-    };
+    })
+}
+
+fn list(root: &Path, json: bool) -> Result<()> {
+    let listing = listing(root, &open(root)?)?;
     let mut out = io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &listing)?;
         writeln!(out)?;
         return Ok(());
     }
+    render_listing(&mut out, &listing)?;
+    Ok(())
+}
+
+fn render_listing(out: &mut impl Write, l: &Listing) -> io::Result<()> {
     writeln!(
         out,
         "mode: {} ({})",
-        listing.mode,
-        if listing.enabled {
+        l.mode,
+        if l.enabled {
             "enforcing"
         } else {
             "not configured"
         }
     )?;
-    writeln!(out, "allowlist ({}):", listing.allowlist.len())?;
-    for a in &listing.allowlist {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
+    writeln!(
+        out,
+        "redirect model: {}  nat ports: {}-{}  snat: {} / {}  reflect cap: {} pps",
+        l.model,
+        l.nat_ports[0],
+        l.nat_ports[1],
+        opt(&l.snat_v4),
+        opt(&l.snat_v6),
+        l.reflect_pps
+    )?;
+    writeln!(out, "interfaces ({}):", l.links.len())?;
+    for link in &l.links {
+        let mut progs = Vec::new();
+        if link.xdp {
+            progs.push("xdp");
+        }
+        if link.tc {
+            progs.push("tc");
+        }
+        writeln!(out, "  {:<16} {}", link.iface, progs.join("+"))?;
+    }
+    writeln!(out, "sandbox targets ({}):", l.targets.len())?;
+    for t in &l.targets {
+        let port = match t.port {
+            0 => "*".to_owned(),
+            p => p.to_string(),
+        };
+        writeln!(
+            out,
+            "  {}/{:<6} {:<5} -> {}{}",
+            t.proto,
+            port,
+            t.family,
+            t.target,
+            if t.port == 0 { "  (default)" } else { "" }
+        )?;
+    }
+    write!(
+        out,
+        "honeypot allowed ports ({}):",
+        l.honeypot_allow_ports.len()
+    )?;
+    for p in &l.honeypot_allow_ports {
+        write!(out, " {p}")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "allowlist ({}):", l.allowlist.len())?;
+    for a in &l.allowlist {
         writeln!(out, "  {a}")?;
     }
-    writeln!(out, "attackers ({}):", listing.attackers.len())?;
-    for a in &listing.attackers {
+    writeln!(out, "attackers ({}):", l.attackers.len())?;
+    for a in &l.attackers {
         let expiry = match a.expires_in_secs {
             None => "never".to_owned(),
             Some(_) if a.expired => "expired".to_owned(),
@@ -399,8 +767,52 @@ fn list(root: &Path, json: bool) -> Result<()> {
 }
 
 #[derive(Serialize)]
+struct FlowListing {
+    flows: Vec<ListedFlow>,
+}
+
+fn list_flows(root: &Path, json: bool) -> Result<()> {
+    let maps = open(root)?;
+    let now = clock::boottime_ns();
+    let mut flows = Vec::new();
+    for (k, v) in maps.flows()? {
+        match ListedFlow::new(&k, &v, now) {
+            Ok(f) => flows.push(f),
+            Err(err) => warn!(error = %err, "Skipped an unreadable flow entry."),
+        }
+    }
+    let doc = FlowListing { flows };
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "flow entries ({}):", doc.flows.len())?;
+    if !doc.flows.is_empty() {
+        writeln!(
+            out,
+            "  {:<17} {:<5} {:<47} {:<47} {:>8}",
+            "KIND", "PROTO", "ARRIVES AS (SRC -> DST)", "LEAVES AS (SRC -> DST)", "AGE(s)"
+        )?;
+    }
+    for f in &doc.flows {
+        writeln!(
+            out,
+            "  {:<17} {:<5} {:<47} {:<47} {:>8.1}",
+            f.kind,
+            f.proto,
+            format!("{} -> {}", f.src, f.dst),
+            format!("{} -> {}", f.new_src, f.new_dst),
+            f.age_secs
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
 struct TopDoc {
-    global: std::collections::BTreeMap<&'static str, u64>,
+    global: BTreeMap<&'static str, u64>,
     sources: Vec<SourceStats>,
 }
 
@@ -445,6 +857,18 @@ fn render_table(out: &mut impl Write, doc: &TopDoc, limit: usize) -> io::Result<
         g("parse_error"),
         g("l4_parse_error"),
         g("fragment"),
+    )?;
+    writeln!(
+        out,
+        "flows: new {} not-new {} no-target {} nat-exhausted {} reflect-limited {} icmp-rewritten {} fib-fallback {} rewrite-errors {}",
+        g("flow_new"),
+        g("not_new_flow"),
+        g("no_target"),
+        g("nat_exhausted"),
+        g("reflect_limited"),
+        g("icmp_rewritten"),
+        g("fib_fallback"),
+        g("rewrite_error"),
     )?;
     writeln!(
         out,

@@ -1,16 +1,23 @@
-//! Loading, attaching, pinning and detaching the XDP program.
+//! Loading, attaching, pinning and detaching the data-path programs: the XDP decision program
+//! (`redirect`) and the TC rewriter (`rewrite`, on TCX ingress), on every managed interface.
 //!
 //! Layout under bpffs (`<root>` is `/sys/fs/bpf/mirage` unless `--bpffs-root` says otherwise):
 //!
 //! ```text
 //! <root>/v<LAYOUT_VERSION>/<MAP NAME>      every map, pinned by name
 //! <root>/v<LAYOUT_VERSION>/link-xdp-<if>   the XDP link on interface <if>
+//! <root>/v<LAYOUT_VERSION>/link-tc-<if>    the TCX ingress link on interface <if>
 //! ```
 //!
-//! A restarted (or upgraded, same layout) agent loads the new program with the pinned maps
-//! reused, then swaps it into the pinned link with `bpf_link_update`: the interface is never
-//! without a program, and the attacker state is never empty. The pins keep the program enforcing
-//! while no agent runs at all.
+//! A restarted (or upgraded, same layout) agent loads the new programs with the pinned maps
+//! reused, then swaps them into the pinned links with `bpf_link_update`: the interface is never
+//! without a program, and the attacker and flow state is never empty. The pins keep the programs
+//! enforcing while no agent runs at all.
+//!
+//! Both links are BPF links (XDP link, TCX link), so taking over works the same way for both. A
+//! pinned link whose interface has gone (deleted, or deleted and re-created under the same name)
+//! is defunct: `bpf_link_update` fails with `ENOLINK`; the agent then drops that pin and attaches
+//! anew.
 
 use std::{
     ffi::CString,
@@ -21,9 +28,11 @@ use std::{
 use agent_common::{LAYOUT_VERSION, maps as names, programs};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, RingBuf},
     programs::{
-        ProgramError, Xdp,
-        links::{FdLink, LinkError, PinnedLink},
+        LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode},
     },
 };
@@ -71,7 +80,15 @@ pub enum LoaderError {
         #[source]
         source: Box<EbpfError>,
     },
-    /// The program is missing or could not be verified and loaded.
+    /// The object has no program of that name (or of that type).
+    #[error("the eBPF object has no {kind} program `{name}`")]
+    MissingProgram {
+        /// The program name.
+        name: &'static str,
+        /// `XDP` or `TC`.
+        kind: &'static str,
+    },
+    /// The program could not be verified and loaded.
     #[error("loading program {name}; set RUST_LOG=debug for the verifier log")]
     Program {
         /// The program name.
@@ -90,6 +107,24 @@ pub enum LoaderError {
         /// The cause.
         #[source]
         source: Box<ProgramError>,
+    },
+    /// The TC program could not be attached.
+    #[error("attaching TC (TCX ingress) to {iface}; TCX links need Linux 6.6 or later")]
+    TcAttach {
+        /// The interface.
+        iface: String,
+        /// The cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// The flow-event ring buffer is missing or could not be mapped.
+    #[error("opening the {name} ring buffer")]
+    RingBuf {
+        /// The map name.
+        name: &'static str,
+        /// The cause.
+        #[source]
+        source: MapError,
     },
     /// The pinned link could not be taken over or created.
     #[error("{op} the pinned link {path}")]
@@ -114,9 +149,39 @@ pub fn pin_dir(root: &Path) -> PathBuf {
     root.join(format!("v{LAYOUT_VERSION}"))
 }
 
+/// Prefix of the XDP link pins.
+const XDP_LINK_PREFIX: &str = "link-xdp-";
+/// Prefix of the TC link pins.
+const TC_LINK_PREFIX: &str = "link-tc-";
+
 /// The pin path of the XDP link on `iface`.
 pub fn link_pin(root: &Path, iface: &str) -> PathBuf {
-    pin_dir(root).join(format!("link-xdp-{iface}"))
+    pin_dir(root).join(format!("{XDP_LINK_PREFIX}{iface}"))
+}
+
+/// The pin path of the TC (TCX ingress) link on `iface`.
+pub fn tc_link_pin(root: &Path, iface: &str) -> PathBuf {
+    pin_dir(root).join(format!("{TC_LINK_PREFIX}{iface}"))
+}
+
+/// Interfaces with a pinned link, as `(iface, is_tc)`, sorted.
+pub fn pinned_links(root: &Path) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = std::fs::read_dir(pin_dir(root))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(i) = name.strip_prefix(XDP_LINK_PREFIX) {
+                Some((i.to_owned(), false))
+            } else {
+                name.strip_prefix(TC_LINK_PREFIX)
+                    .map(|i| (i.to_owned(), true))
+            }
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Makes sure bpffs is mounted at the mount point that holds `root` (`/sys/fs/bpf`), mounting
@@ -176,23 +241,54 @@ pub fn load(pin_dir: &Path) -> Result<Ebpf> {
         })
 }
 
-/// Loads (verifies) a program of the object and returns it.
-pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
-    let prog_err = |source: ProgramError| LoaderError::Program {
+/// A program of the object, by name and type, without loading it.
+pub fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    kind: &'static str,
+) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name, kind })?
+        .try_into()
+        .map_err(|_| LoaderError::MissingProgram { name, kind })
+}
+
+fn load_err(name: &'static str) -> impl FnOnce(ProgramError) -> LoaderError {
+    move |source| LoaderError::Program {
         name,
         source: Box::new(source),
-    };
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| {
-            prog_err(ProgramError::InvalidName {
-                name: name.to_owned(),
-            })
-        })?
-        .try_into()
-        .map_err(prog_err)?;
-    prog.load().map_err(prog_err)?;
+    }
+}
+
+/// Loads (verifies) an XDP program of the object and returns it.
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = program_mut(ebpf, name, "XDP")?;
+    prog.load().map_err(load_err(name))?;
     Ok(prog)
+}
+
+/// Loads (verifies) a TC (sched_cls) program of the object and returns it. An object built
+/// without it gives [`LoaderError::MissingProgram`].
+pub fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = program_mut(ebpf, name, "TC")?;
+    prog.load().map_err(load_err(name))?;
+    Ok(prog)
+}
+
+/// Takes the flow-event ring buffer out of a loaded object. Only `run` does: a ring buffer has
+/// one consumer.
+pub fn take_flow_events(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    let name = names::FLOW_EVENTS;
+    let map = ebpf.take_map(name).ok_or(LoaderError::RingBuf {
+        name,
+        source: MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    RingBuf::try_from(map).map_err(|source| LoaderError::RingBuf { name, source })
 }
 
 /// Takes the maps out of a loaded object.
@@ -209,27 +305,65 @@ pub enum Attached {
     Native,
     /// Attached in generic (SKB) mode.
     Generic,
+    /// (TC) Attached as a TCX ingress link.
+    Tcx,
+}
+
+/// Whether a link update failed because the link is defunct (its interface is gone).
+fn is_defunct(e: &ProgramError) -> bool {
+    matches!(e, ProgramError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOLINK))
+}
+
+fn link_error(
+    op: &'static str,
+    path: &Path,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> LoaderError {
+    LoaderError::Link {
+        op,
+        path: path.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// Opens the link pinned at `pin`, if there is one.
+fn open_pinned_link(pin: &Path) -> Result<Option<FdLink>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| link_error("opening", pin, e))?;
+    Ok(Some(pinned.into()))
+}
+
+/// Removes the pin of a defunct link so that a fresh one can take its place.
+fn drop_defunct_pin(pin: &Path, iface: &str, what: &str) -> Result<()> {
+    warn!(
+        iface,
+        pin = %pin.display(),
+        "The pinned {what} link is defunct (its interface was removed); attaching anew."
+    );
+    std::fs::remove_file(pin).map_err(|source| LoaderError::Fs {
+        op: "removing",
+        path: pin.to_owned(),
+        source,
+    })
 }
 
 /// Attaches `prog` to `iface`: takes over the pinned link if there is one, otherwise attaches
 /// anew and pins the link.
 pub fn attach(prog: &mut Xdp, root: &Path, iface: &str, mode: XdpModeName) -> Result<Attached> {
     let pin = link_pin(root, iface);
-    if pin.exists() {
-        let link_err = |op, source: Box<dyn std::error::Error + Send + Sync>| LoaderError::Link {
-            op,
-            path: pin.clone(),
-            source,
-        };
-        let pinned = PinnedLink::from_pin(&pin).map_err(|e| link_err("opening", Box::new(e)))?;
-        let fd_link: FdLink = pinned.into();
-        let xdp_link =
-            XdpLink::try_from(fd_link).map_err(|e: LinkError| link_err("reading", Box::new(e)))?;
+    if let Some(fd_link) = open_pinned_link(&pin)? {
+        let xdp_link = XdpLink::try_from(fd_link).map_err(|e| link_error("reading", &pin, e))?;
         // bpf_link_update: the kernel swaps the program in the live link atomically.
-        prog.attach_to_link(xdp_link)
-            .map_err(|e| link_err("updating", Box::new(e)))?;
-        info!(iface, pin = %pin.display(), "Took over the pinned XDP link; no gap in enforcement.");
-        return Ok(Attached::TookOver);
+        match prog.attach_to_link(xdp_link) {
+            Ok(_) => {
+                info!(iface, pin = %pin.display(), "Took over the pinned XDP link; no gap in enforcement.");
+                return Ok(Attached::TookOver);
+            }
+            Err(e) if is_defunct(&e) => drop_defunct_pin(&pin, iface, "XDP")?,
+            Err(e) => return Err(link_error("updating", &pin, e)),
+        }
     }
 
     let attach_err = |mode: &'static str, source: ProgramError| LoaderError::Attach {
@@ -293,6 +427,47 @@ pub fn attach(prog: &mut Xdp, root: &Path, iface: &str, mode: XdpModeName) -> Re
     Ok(attached)
 }
 
+/// Attaches the TC rewriter to `iface` on TCX ingress: takes over the pinned link if there is
+/// one, otherwise attaches anew (after any TCX program already there) and pins the link.
+///
+/// TCX links need no `clsact` qdisc (Linux 6.6+). The netlink (`cls_bpf`) fallback of older
+/// kernels is not used: its attachment cannot be pinned, so a restart would open a gap.
+pub fn attach_tc(prog: &mut SchedClassifier, root: &Path, iface: &str) -> Result<Attached> {
+    let pin = tc_link_pin(root, iface);
+    if let Some(fd_link) = open_pinned_link(&pin)? {
+        let link =
+            SchedClassifierLink::try_from(fd_link).map_err(|e| link_error("reading", &pin, e))?;
+        match prog.attach_to_link(link) {
+            Ok(_) => {
+                info!(iface, pin = %pin.display(), "Took over the pinned TC link; no gap in rewriting.");
+                return Ok(Attached::TookOver);
+            }
+            Err(e) if is_defunct(&e) => drop_defunct_pin(&pin, iface, "TC")?,
+            Err(e) => return Err(link_error("updating", &pin, e)),
+        }
+    }
+    let link_id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| LoaderError::TcAttach {
+            iface: iface.to_owned(),
+            source: Box::new(e),
+        })?;
+    let link = prog
+        .take_link(link_id)
+        .map_err(|e| link_error("taking", &pin, e))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| link_error("converting", &pin, e))?;
+    // Pinning keeps the link (and so the program) alive after this process exits.
+    fd_link
+        .pin(&pin)
+        .map_err(|e| link_error("pinning", &pin, e))?;
+    info!(iface, pin = %pin.display(), "Attached and pinned the TC (TCX ingress) link.");
+    Ok(Attached::Tcx)
+}
+
 /// The kernel driver behind `iface` (`ETHTOOL_GDRVINFO`), e.g. `veth`, `mlx5_core`.
 pub fn driver_name(iface: &str) -> io::Result<String> {
     /// `struct ethtool_drvinfo` from include/uapi/linux/ethtool.h.
@@ -350,8 +525,8 @@ pub fn driver_name(iface: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-/// Removes the program from every interface it is pinned on, then the pinned maps. Returns the
-/// interfaces detached.
+/// Removes the programs (XDP and TC) from every interface they are pinned on, then the pinned
+/// maps. Returns the interfaces detached.
 pub fn detach(root: &Path) -> Result<Vec<String>> {
     let dir = pin_dir(root);
     let mut detached = Vec::new();
@@ -369,20 +544,23 @@ pub fn detach(root: &Path) -> Result<Vec<String>> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if let Some(iface) = name.strip_prefix("link-xdp-") {
-            // Unpinning drops the last reference once our fd closes: the kernel detaches.
-            let pinned = PinnedLink::from_pin(&path).map_err(|e| LoaderError::Link {
-                op: "opening",
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            let fd = pinned.unpin().map_err(|source| LoaderError::Fs {
-                op: "unpinning",
-                path: path.clone(),
-                source,
-            })?;
-            drop(fd);
-            info!(iface, "Detached XDP.");
+        let (iface, what) = if let Some(i) = name.strip_prefix(XDP_LINK_PREFIX) {
+            (i, "XDP")
+        } else if let Some(i) = name.strip_prefix(TC_LINK_PREFIX) {
+            (i, "TC")
+        } else {
+            continue;
+        };
+        // Unpinning drops the last reference once our fd closes: the kernel detaches.
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| link_error("opening", &path, e))?;
+        let fd = pinned.unpin().map_err(|source| LoaderError::Fs {
+            op: "unpinning",
+            path: path.clone(),
+            source,
+        })?;
+        drop(fd);
+        info!(iface, "Detached {what}.");
+        if !detached.iter().any(|d| d == iface) {
             detached.push(iface.to_owned());
         }
     }
@@ -426,3 +604,6 @@ fn remove_dir_if_empty(dir: &Path) -> Result<()> {
 
 /// The name of the XDP entry, re-exported for callers that load it by hand.
 pub const XDP_PROGRAM: &str = programs::XDP;
+
+/// The name of the TC rewriter, re-exported for callers that load it by hand.
+pub const TC_PROGRAM: &str = programs::TC;

@@ -1,5 +1,10 @@
 //! Typed access to the data-path maps, whether owned by a freshly loaded object or opened from
-//! their pins by a CLI command. Every write takes a validated [`Net`]; nothing else reaches a map.
+//! their pins by a CLI command. Every address written takes a validated [`Net`] or comes from a
+//! validated [`crate::config::AgentConfig`]; nothing else reaches a map.
+//!
+//! The `FLOW_EVENTS` ring buffer is not here: it has a single consumer (`mirage-agent run`), and
+//! mapping it from a CLI command would race that consumer for events. `run` takes it with
+//! [`crate::loader::take_flow_events`].
 
 use std::{
     collections::BTreeMap,
@@ -8,15 +13,20 @@ use std::{
 };
 
 use agent_common::{
-    ACTION_SLOTS, Action, AllowEntry, AttackerEntry, Counter, DataPathConfig, GlobalCounters, Mode,
-    SourceCounters, SourceKey, maps as names,
+    ACTION_SLOTS, Action, AllowEntry, AttackerEntry, Counter, DataPathConfig, FlowEntry, FlowKey,
+    GlobalCounters, Mode, PortKey, RateState, SourceCounters, SourceKey, Target, TargetKey,
+    maps as names,
 };
 use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
 };
 use serde::Serialize;
 
-use crate::{addr::Net, clock};
+use crate::{
+    addr::Net,
+    clock,
+    config::{DEFAULT_NAT_PORTS, DEFAULT_REFLECT_PPS},
+};
 
 /// Errors reading or writing the pinned maps.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +68,14 @@ pub enum MapsError {
         /// Which list.
         what: &'static str,
     },
+    /// The target or port to remove is not there.
+    #[error("{what} has no entry {key}")]
+    KeyNotFound {
+        /// The key, as text.
+        key: String,
+        /// Which map.
+        what: &'static str,
+    },
 }
 
 type Result<T> = std::result::Result<T, MapsError>;
@@ -73,6 +91,10 @@ pub struct Maps {
     ranges_v6: LpmTrie<MapData, [u8; 16], AttackerEntry>,
     sources: PerCpuHashMap<MapData, SourceKey, SourceCounters>,
     global: PerCpuArray<MapData, GlobalCounters>,
+    targets: HashMap<MapData, TargetKey, Target>,
+    allow_ports: HashMap<MapData, PortKey, u8>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    reflect_rate: HashMap<MapData, SourceKey, RateState>,
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T> {
@@ -93,10 +115,13 @@ fn is_not_found(e: &MapError) -> bool {
 }
 
 impl Maps {
-    /// Opens every map from its pin under `dir`.
+    /// Opens every map but the flow-event ring buffer from its pin under `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         let mut by_name = BTreeMap::new();
         for name in names::PINNED {
+            if name == names::FLOW_EVENTS {
+                continue;
+            }
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
                 path: path.clone(),
@@ -131,6 +156,10 @@ impl Maps {
             ranges_v6: typed(names::ATTACKER_RANGES_V6, get(names::ATTACKER_RANGES_V6)?)?,
             sources: typed(names::SOURCE_STATS, get(names::SOURCE_STATS)?)?,
             global: typed(names::GLOBAL_STATS, get(names::GLOBAL_STATS)?)?,
+            targets: typed(names::TARGETS, get(names::TARGETS)?)?,
+            allow_ports: typed(names::ALLOW_PORTS, get(names::ALLOW_PORTS)?)?,
+            flows: typed(names::FLOWS, get(names::FLOWS)?)?,
+            reflect_rate: typed(names::REFLECT_RATE, get(names::REFLECT_RATE)?)?,
         })
     }
 
@@ -139,16 +168,161 @@ impl Maps {
         self.config.get(&0, 0).map_err(op("read", names::CONFIG))
     }
 
-    /// Sets the mode and enables the data path.
+    /// Writes the whole data-path configuration (mode, flags, redirect model, NAT ports and
+    /// addresses, reflect cap) in one map update, so the kernel never sees half of it.
+    pub fn set_config(&mut self, cfg: &DataPathConfig) -> Result<()> {
+        self.config
+            .set(0, *cfg, 0)
+            .map_err(op("write", names::CONFIG))
+    }
+
+    /// Sets the mode and enables the data path, with the configuration file's defaults for the
+    /// rest (`preserve-source`, default NAT ports, default reflect cap, no SNAT addresses).
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
-        let cfg = DataPathConfig {
+        let [nat_port_min, nat_port_max] = DEFAULT_NAT_PORTS;
+        self.set_config(&DataPathConfig {
             mode: mode as u8,
             flags: DataPathConfig::ENABLED,
-            _pad: [0; 6],
-        };
-        self.config
-            .set(0, cfg, 0)
-            .map_err(op("write", names::CONFIG))
+            reflect_pps: DEFAULT_REFLECT_PPS,
+            nat_port_min,
+            nat_port_max,
+            ..DataPathConfig::default()
+        })
+    }
+
+    /// Adds or replaces the sandbox target of a (port, protocol, family).
+    pub fn set_target(&mut self, key: TargetKey, target: Target) -> Result<()> {
+        self.targets
+            .insert(key, target, 0)
+            .map_err(op("insert", names::TARGETS))
+    }
+
+    /// Removes the sandbox target of a (port, protocol, family).
+    pub fn remove_target(&mut self, key: TargetKey) -> Result<()> {
+        match self.targets.remove(&key) {
+            Err(e) if is_not_found(&e) => Err(MapsError::KeyNotFound {
+                key: format!("{key:?}"),
+                what: names::TARGETS,
+            }),
+            other => other.map_err(op("remove", names::TARGETS)),
+        }
+    }
+
+    /// Every sandbox target, sorted by family, protocol and port.
+    pub fn targets(&self) -> Result<Vec<(TargetKey, Target)>> {
+        let mut out = Vec::new();
+        for item in self.targets.iter() {
+            out.push(item.map_err(op("iterate", names::TARGETS))?);
+        }
+        out.sort_by_key(|(k, _)| (k.family, k.proto, k.port));
+        Ok(out)
+    }
+
+    /// Makes the targets exactly `want`: every wanted entry is written first, then entries not
+    /// wanted are removed, so a port that keeps its target never loses it in between.
+    pub fn replace_targets(&mut self, want: &[(TargetKey, Target)]) -> Result<()> {
+        for (k, t) in want {
+            self.set_target(*k, *t)?;
+        }
+        for (k, _) in self.targets()? {
+            if !want.iter().any(|(w, _)| *w == k) {
+                match self.remove_target(k) {
+                    Ok(()) | Err(MapsError::KeyNotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a port that honeypot mode leaves to the real services.
+    pub fn allow_port(&mut self, key: PortKey) -> Result<()> {
+        self.allow_ports
+            .insert(key, 1, 0)
+            .map_err(op("insert", names::ALLOW_PORTS))
+    }
+
+    /// Removes a honeypot allowlisted port.
+    pub fn disallow_port(&mut self, key: PortKey) -> Result<()> {
+        match self.allow_ports.remove(&key) {
+            Err(e) if is_not_found(&e) => Err(MapsError::KeyNotFound {
+                key: format!("{key:?}"),
+                what: names::ALLOW_PORTS,
+            }),
+            other => other.map_err(op("remove", names::ALLOW_PORTS)),
+        }
+    }
+
+    /// Every honeypot allowlisted port, sorted by protocol and port.
+    pub fn allow_ports(&self) -> Result<Vec<PortKey>> {
+        let mut out = Vec::new();
+        for item in self.allow_ports.keys() {
+            out.push(item.map_err(op("iterate", names::ALLOW_PORTS))?);
+        }
+        out.sort_by_key(|k| (k.proto, k.port));
+        Ok(out)
+    }
+
+    /// Makes the honeypot allowlisted ports exactly `want` (added first, then the rest
+    /// removed, as [`Maps::replace_targets`]).
+    pub fn replace_allow_ports(&mut self, want: &[PortKey]) -> Result<()> {
+        for k in want {
+            self.allow_port(*k)?;
+        }
+        for k in self.allow_ports()? {
+            if !want.contains(&k) {
+                match self.disallow_port(k) {
+                    Ok(()) | Err(MapsError::KeyNotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every flow entry (one per direction of a rewritten flow). The kernel creates and evicts
+    /// entries meanwhile, so an entry that vanishes between its key and its value is skipped.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowEntry)>> {
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            match item {
+                Ok(kv) => out.push(kv),
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(MapsError::Op {
+                        op: "iterate",
+                        name: names::FLOWS,
+                        source,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|(_, v)| std::cmp::Reverse(v.created_ns));
+        Ok(out)
+    }
+
+    /// The reflect rate-cap state of every source the kernel tracks (IPv4-mapped keys shown as
+    /// IPv4).
+    pub fn reflect_rates(&self) -> Result<Vec<(IpAddr, RateState)>> {
+        let mut out = Vec::new();
+        for item in self.reflect_rate.iter() {
+            match item {
+                Ok((k, v)) => out.push((
+                    crate::addr::normalize(IpAddr::V6(Ipv6Addr::from(k.addr))),
+                    v,
+                )),
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(MapsError::Op {
+                        op: "iterate",
+                        name: names::REFLECT_RATE,
+                        source,
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
     }
 
     /// Adds a range to the allowlist.

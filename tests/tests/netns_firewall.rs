@@ -369,5 +369,11 @@ fn detach_removes_program_and_pins() {
     );
     let link = lab.host.ip(&["link", "show", "eth0"]).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
-    assert!(!agent.root().join("v1").exists(), "pins left behind");
+    assert!(
+        !agent
+            .root()
+            .join(format!("v{}", agent_common::LAYOUT_VERSION))
+            .exists(),
+        "pins left behind"
+    );
 }
