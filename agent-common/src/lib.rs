@@ -121,9 +121,9 @@ pub enum Action {
     Pass = 1,
     /// Drop the packet.
     Drop = 2,
-    /// Rewrite the packet toward the sandbox (reserved: implemented with the redirect issue).
+    /// Rewrite the packet toward the sandbox (new TCP/UDP flows only; see `FlowKind`).
     Redirect = 3,
-    /// Connect the packet back to its sender (reserved: implemented with the redirect issue).
+    /// Connect the packet back to its sender's own port (new TCP/UDP flows only, rate-capped).
     Reflect = 4,
 }
 
@@ -582,8 +582,8 @@ pub enum Counter {
     ReflectBytes = 13,
     /// Passed because the data path is not configured yet (no `ENABLED` flag).
     Unconfigured = 14,
-    /// An action reserved in the ABI that this program does not implement yet; passed.
-    Unsupported = 15,
+    /// A reflect action while reflection is disabled (`reflect_pps` 0); passed.
+    ReflectDisabled = 15,
     /// New rewritten flows (both redirect and reflect).
     FlowNew = 16,
     /// A redirect or reflect that could not start: not a TCP SYN (the flow began before its
@@ -632,7 +632,7 @@ impl Counter {
         Counter::RedirectBytes,
         Counter::ReflectBytes,
         Counter::Unconfigured,
-        Counter::Unsupported,
+        Counter::ReflectDisabled,
         Counter::FlowNew,
         Counter::NotNewFlow,
         Counter::NoTarget,
@@ -661,7 +661,7 @@ impl Counter {
             Counter::RedirectBytes => "redirect_bytes",
             Counter::ReflectBytes => "reflect_bytes",
             Counter::Unconfigured => "unconfigured",
-            Counter::Unsupported => "unsupported",
+            Counter::ReflectDisabled => "reflect_disabled",
             Counter::FlowNew => "flow_new",
             Counter::NotNewFlow => "not_new_flow",
             Counter::NoTarget => "no_target",

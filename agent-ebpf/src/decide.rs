@@ -355,8 +355,13 @@ fn judge(pkt: &Packet, cfg: &DataPathConfig, bytes: u64) -> u32 {
     };
 
     // The reflect cap holds for every reflected packet, new flows and old, in both directions
-    // (the attacker is the source of both).
-    let action = if action == Action::Reflect && !reflect_allowed(pkt, cfg.reflect_pps, now) {
+    // (the attacker is the source of both). A cap of 0 turns reflection off: the packet passes.
+    let action = if action != Action::Reflect {
+        action
+    } else if cfg.reflect_pps == 0 {
+        stats.add(Counter::ReflectDisabled, 1);
+        Action::Pass
+    } else if !reflect_allowed(pkt, cfg.reflect_pps, now) {
         stats.add(Counter::ReflectLimited, 1);
         Action::Drop
     } else {

@@ -83,6 +83,8 @@ fn try_handle(ctx: &TcContext, pkt: &Packet, cfg: &DataPathConfig) -> Result<i32
     }
     let now = now_ns();
     let action = match decide_fresh(pkt, cfg, now, None) {
+        // Reflection switched off (cap 0): XDP passed the packet to the real service.
+        Fresh::Act(Action::Reflect) if cfg.reflect_pps == 0 => return Ok(TC_ACT_OK),
         Fresh::Act(a @ (Action::Redirect | Action::Reflect)) if starts_flow(pkt) => a,
         _ => return Ok(TC_ACT_OK),
     };

@@ -376,6 +376,64 @@ fn full_nat_allocates_ports_and_maps_replies_back() {
             XDP_PASS,
             &udp6(h6, 53, a6, 5353),
         );
+
+        // IPv6 TCP and IPv4 UDP under full-nat.
+        let syn6 = tcp6(a6, 41000, h6, 22, SYN);
+        obj.run(agent_common::programs::XDP, &syn6, 1).unwrap();
+        let t = obj.run_tc(&syn6).unwrap();
+        let p6 = u16::from_be_bytes([t.output[l4], t.output[l4 + 1]]);
+        assert_eq!(t.output, tcp6(n6, p6, s6, 2222, SYN));
+        verify_checksums(&t.output).unwrap();
+        step(
+            &mut obj,
+            "v6 full-nat tcp reply",
+            &tcp6(s6, 2222, n6, p6, SYN | ACK),
+            XDP_PASS,
+            &tcp6(h6, 22, a6, 41000, SYN | ACK),
+        );
+        // The four IPv4 ports went to TCP toward sandbox port 2222; the reverse key holds the
+        // sandbox port, so UDP toward port 53 can use them again.
+        let q = udp4(ATTACKER4, 5353, HOST4, 53);
+        obj.run(agent_common::programs::XDP, &q, 1).unwrap();
+        let t = obj.run_tc(&q).unwrap();
+        let p4 = u16::from_be_bytes([t.output[34], t.output[35]]);
+        assert_eq!(t.output, udp4(SNAT4, p4, SANDBOX4, 53));
+        verify_checksums(&t.output).unwrap();
+        step(
+            &mut obj,
+            "v4 full-nat udp reply",
+            &udp4(SANDBOX4, 53, SNAT4, p4),
+            XDP_PASS,
+            &udp4(HOST4, 53, ATTACKER4, 5353),
+        );
+
+        // An ICMP error from the sandbox about the full-nat UDP flow: the attacker must see it
+        // come from the protected host, about its own socket, with no NAT or sandbox address.
+        let payload = b"\x12\x34 dns-like query";
+        let quoted = ipv4(
+            SNAT4,
+            SANDBOX4,
+            L4::udp(p4, 53, payload),
+            &V4Opts::default(),
+        );
+        let err = eth_v4(SANDBOX4, SNAT4, L4::icmp_error(3, 3, &quoted));
+        let quoted_out = ipv4(
+            ATTACKER4,
+            HOST4,
+            L4::udp(5353, 53, payload),
+            &V4Opts::default(),
+        );
+        let mut expected = eth_v4(HOST4, ATTACKER4, L4::icmp_error(3, 3, &quoted_out));
+        let q_csum = 14 + 20 + 8 + 20 + 6;
+        expected[q_csum..q_csum + 2].copy_from_slice(&err[q_csum..q_csum + 2]);
+        fix_icmp_checksum(&mut expected, 14 + 20);
+        step(
+            &mut obj,
+            "v4 full-nat icmp error from the sandbox",
+            &err,
+            XDP_PASS,
+            &expected,
+        );
     });
 }
 
@@ -405,9 +463,32 @@ fn reflect_turns_the_connection_back() {
             XDP_PASS,
             &udp4(HOST4, 5353, ATTACKER4, 53),
         );
+        block(&mut obj, attacker6().into(), Action::Default);
+        step(
+            &mut obj,
+            "v6 syn reflected",
+            &tcp6(attacker6(), 40000, host6(), 80, SYN),
+            XDP_PASS,
+            &tcp6(host6(), 40000, attacker6(), 80, SYN),
+        );
+        step(
+            &mut obj,
+            "v6 the attacker's own syn-ack goes back",
+            &tcp6(attacker6(), 80, host6(), 40000, SYN | ACK),
+            XDP_PASS,
+            &tcp6(host6(), 80, attacker6(), 40000, SYN | ACK),
+        );
         let g = obj.maps.global().unwrap();
-        assert_eq!(g["reflect"], 3);
-        assert_eq!(g["flow_new"], 2);
+        assert_eq!(g["reflect"], 5);
+        assert_eq!(g["flow_new"], 3);
+
+        // A cap of 0 switches reflection off: the packet reaches the real service untouched.
+        let mut cfg = obj.maps.config().unwrap();
+        cfg.reflect_pps = 0;
+        obj.maps.set_config(&cfg).unwrap();
+        let syn = tcp4(ATTACKER4, 40010, HOST4, 80, SYN);
+        step(&mut obj, "reflection disabled", &syn, XDP_PASS, &syn);
+        assert_eq!(obj.maps.global().unwrap()["reflect_disabled"], 1);
     });
 }
 
