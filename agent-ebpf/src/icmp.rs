@@ -13,18 +13,16 @@
 use agent_common::{Counter, FlowEntry, FlowKey, family};
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 
 use crate::{
+    csum::{BPF_F_IPV6, diff16, raw_port, raw4},
     decide::Stats,
     maps::{FLOWS, scratch},
     nat::forward,
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Packet},
 };
-
-const BPF_F_IPV6: u64 = 1 << 7;
 
 /// Whether the packet is an ICMP error that quotes another packet.
 #[inline(always)]
@@ -45,15 +43,6 @@ pub fn is_error(pkt: &Packet) -> bool {
 #[inline(always)]
 fn v4(b: [u8; 4]) -> [u8; 16] {
     [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-}
-
-#[inline(always)]
-fn diff16(old: &[u8; 16], new: &[u8; 16]) -> Result<u64, i64> {
-    let mut o = *old;
-    let mut n = *new;
-    // SAFETY: two 16-byte stack buffers, a multiple of 4 as the helper needs.
-    let d = unsafe { bpf_csum_diff(o.as_mut_ptr().cast(), 16, n.as_mut_ptr().cast(), 16, 0) };
-    if d < 0 { Err(d) } else { Ok(d as u64) }
 }
 
 /// Rewrites an ICMP error about a rewritten flow and forwards it; other errors pass.
@@ -163,14 +152,8 @@ fn rewrite_quoted_ports(
         if old == new {
             continue;
         }
-        let (o, n) = (old.to_be_bytes(), new.to_be_bytes());
-        ctx.l4_csum_replace(
-            icmp_csum,
-            u64::from(u16::from_ne_bytes(o)),
-            u64::from(u16::from_ne_bytes(n)),
-            2,
-        )?;
-        ctx.store(q.l4 + field, &n, 0)?;
+        ctx.l4_csum_replace(icmp_csum, raw_port(old), raw_port(new), 2)?;
+        ctx.store(q.l4 + field, &new.to_be_bytes(), 0)?;
     }
     Ok(())
 }
@@ -209,7 +192,7 @@ fn try_quoted_v4(ctx: &TcContext, pkt: &Packet) -> Result<bool, i64> {
     let Some(e) = entry_for(pkt, &q) else {
         return Ok(false);
     };
-    let v = |a: &[u8; 16]| u64::from(u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+    let v = raw4;
     // Outer: the error's sender, if it is the flow's peer, becomes the address it stands for;
     // the receiver becomes the flow's real endpoint. ICMPv4 has no pseudo-header.
     if pkt.src == q.dst && pkt.src != e.src {

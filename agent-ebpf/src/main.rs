@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod decide;
 mod icmp;
 mod maps;

@@ -22,21 +22,18 @@ use aya_ebpf::{
         BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
         bpf_fib_lookup,
     },
-    helpers::{bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 
 use crate::{
+    csum::{BPF_F_IPV6, diff16, raw_port, raw4},
     decide::{Fresh, Stats, config, decide_fresh, flow_key, now_ns, starts_flow, target},
     icmp,
     maps::{FLOW_EVENTS, FLOWS, packet_scratch, scratch},
     parse::{IPPROTO_TCP, Packet, parse},
 };
 
-/// `BPF_F_IPV6` (include/uapi/linux/bpf.h, Linux 6.16): tells `bpf_l4_csum_replace` that a
-/// pseudo-header change is an IPv6 address, so `skb->csum` stays right for CHECKSUM_COMPLETE
-/// (kernel-patches/bpf #8975). aya's generated bindings predate it.
-const BPF_F_IPV6: u64 = 1 << 7;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
@@ -344,15 +341,10 @@ fn try_rewrite_ports(ctx: &TcContext, pkt: &Packet, e: &FlowEntry) -> Result<(),
     let l3 = pkt.l3_offset;
     if pkt.family == family::V4 {
         for (field, old, new) in [(12usize, &pkt.src, &e.src), (16usize, &pkt.dst, &e.dst)] {
-            let o = [old[0], old[1], old[2], old[3]];
-            let n = [new[0], new[1], new[2], new[3]];
-            if o == n {
+            let (from, to) = (raw4(old), raw4(new));
+            if from == to {
                 continue;
             }
-            let (from, to) = (
-                u64::from(u32::from_ne_bytes(o)),
-                u64::from(u32::from_ne_bytes(n)),
-            );
             if l4_active {
                 ctx.l4_csum_replace(
                     csum_off,
@@ -362,44 +354,26 @@ fn try_rewrite_ports(ctx: &TcContext, pkt: &Packet, e: &FlowEntry) -> Result<(),
                 )?;
             }
             ctx.l3_csum_replace(l3 + 10, from, to, 4)?;
-            ctx.store(l3 + field, &n, 0)?;
+            ctx.store(l3 + field, &[new[0], new[1], new[2], new[3]], 0)?;
         }
     } else {
         for (field, old, new) in [(8usize, &pkt.src, &e.src), (24usize, &pkt.dst, &e.dst)] {
             if old == new {
                 continue;
             }
-            let mut o = *old;
-            let mut n = *new;
-            // SAFETY: both buffers are 16-byte stack arrays, a multiple of 4 as the helper needs.
-            let diff =
-                unsafe { bpf_csum_diff(o.as_mut_ptr().cast(), 16, n.as_mut_ptr().cast(), 16, 0) };
-            if diff < 0 {
-                return Err(diff);
-            }
-            ctx.l4_csum_replace(
-                csum_off,
-                0,
-                diff as u64,
-                u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6,
-            )?;
-            ctx.store(l3 + field, &n, 0)?;
+            let diff = diff16(old, new)?;
+            ctx.l4_csum_replace(csum_off, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6)?;
+            ctx.store(l3 + field, new, 0)?;
         }
     }
     for (field, old, new) in [(0usize, pkt.sport, e.sport), (2usize, pkt.dport, e.dport)] {
         if old == new {
             continue;
         }
-        let (o, n) = (old.to_be_bytes(), new.to_be_bytes());
         if l4_active {
-            ctx.l4_csum_replace(
-                csum_off,
-                u64::from(u16::from_ne_bytes(o)),
-                u64::from(u16::from_ne_bytes(n)),
-                mangled | 2,
-            )?;
+            ctx.l4_csum_replace(csum_off, raw_port(old), raw_port(new), mangled | 2)?;
         }
-        ctx.store(pkt.l4_offset + field, &n, 0)?;
+        ctx.store(pkt.l4_offset + field, &new.to_be_bytes(), 0)?;
     }
     Ok(())
 }
