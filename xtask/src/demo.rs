@@ -1,6 +1,9 @@
 //! `cargo xtask demo`: builds `mirage-agent` and the `demo` binary (tests crate), then runs the
-//! demo: a lab of three network namespaces where the agent, in firewall mode, blocks an attacker
-//! while a legitimate client keeps working. See `tests/src/bin/demo.rs`.
+//! demo in two acts, each in a lab of network namespaces: the agent in firewall mode drops an
+//! attacker while a legitimate client keeps working; then, in unreal mode, the attacker's new SSH
+//! connection lands in a sandbox namespace (which sees the attacker's real address) while the
+//! legitimate client and the attacker's earlier connection keep the real service. See
+//! `tests/src/bin/demo.rs`.
 
 use anyhow::Result;
 
