@@ -104,6 +104,57 @@ impl Object {
     }
 }
 
+impl Object {
+    /// Runs the TC program over `packet` `repeat` times through `BPF_PROG_TEST_RUN`, as an skb
+    /// that arrived on interface `ingress_ifindex` of the calling thread's network namespace
+    /// (0: none, as [`Object::run_tc`] does; the FIB lookup after a rewrite starts from it).
+    ///
+    /// The kernel builds the skb once and runs the program `repeat` times over it: each run
+    /// sees the packet as the previous run left it. `ns_per_run` is the kernel's mean.
+    pub fn run_tc_repeat(
+        &mut self,
+        packet: &[u8],
+        repeat: u32,
+        ingress_ifindex: u32,
+    ) -> Result<RunResult> {
+        /// `offsetofend(struct __sk_buff, ingress_ifindex)` (include/uapi/linux/bpf.h): a
+        /// shorter context is zero-extended by the kernel, and every field before
+        /// `ingress_ifindex` that the kernel does not accept (all but `mark` and `priority`)
+        /// must be zero.
+        const CTX_LEN: usize = 40;
+        const INGRESS_IFINDEX: usize = 36;
+        let mut ctx = [0u8; CTX_LEN];
+        ctx[INGRESS_IFINDEX..].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC)
+            .context("program rewrite")?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN (tc)")?;
+        out.truncate(r.data_size_out as usize);
+        Ok(RunResult {
+            action: r.return_value,
+            output: out,
+            ns_per_run: r.duration.as_nanos() as f64,
+        })
+    }
+
+    /// The directory the object's maps are pinned in (to open one of them a second time, e.g.
+    /// to write a map that [`Maps`] has no method for).
+    pub fn pin_dir(&self) -> PathBuf {
+        loader::pin_dir(&self.root)
+    }
+}
+
 impl Drop for Object {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);

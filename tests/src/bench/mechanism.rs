@@ -239,7 +239,7 @@ pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Runs `program ARGS...` in namespace `ns` with `input` on its stdin.
-fn exec_stdin(ns: &str, program: &str, args: &[&str], input: &str) -> Result<()> {
+pub fn exec_stdin(ns: &str, program: &str, args: &[&str], input: &str) -> Result<()> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, program])
         .args(args)

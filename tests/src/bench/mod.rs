@@ -1,12 +1,13 @@
 //! Shared pieces of the benchmark binaries `bench-xdp` (per-packet cost through
-//! `BPF_PROG_TEST_RUN`) and `bench-veth` (a UDP flood and a TCP transfer across the lab's veths),
-//! both run by `cargo xtask bench`.
+//! `BPF_PROG_TEST_RUN`) and `bench-veth` (a UDP flood and a TCP transfer across the lab's veths,
+//! and traffic redirected into a sandbox), both run by `cargo xtask bench`.
 //!
 //! Output contract: one JSON [`Record`] per line on stdout; human-readable progress on stderr.
 
 pub mod flood;
 pub mod iperf;
 pub mod mechanism;
+pub mod redirect;
 
 use std::{fmt::Display, net::Ipv4Addr};
 

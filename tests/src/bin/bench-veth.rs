@@ -18,6 +18,15 @@
 //! drifts, and interleaving spreads that drift over every mechanism instead of charging it to
 //! whichever ran at a bad moment.
 //!
+//! In the same run, the redirect into a sandbox (issue 3), through two more labs with a sandbox
+//! behind the host ([`SandboxLab`], `preserve-source` routing), each with only its own mechanism:
+//! Mirage's redirect (the agent in `unreal` mode, the same 10,000 addresses in its map) and the
+//! original system's iptables `nat` DNAT + MASQUERADE (one DNAT rule per address and protocol, the
+//! attacker's last; see [`tests::bench::redirect`]). From the attacker's namespace to the
+//! protected host's address: TCP request/response transactions (connect, one-line request,
+//! one-line answer, close) against the sandbox's server, and a UDP flood whose datagrams the
+//! sandbox counts. Their rounds are interleaved with the others'.
+//!
 //! On veth, every packet crosses the stack of the sending namespace and the bridge before it
 //! reaches the host, and all of it runs on the same CPUs as the flooder: these numbers show the
 //! relative cost of the mechanisms, not what a NIC would do (reference/ebpf-notes.md §4.2).
@@ -30,7 +39,7 @@
 )]
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -43,9 +52,11 @@ use tests::{
         Record, attacker_addr, flood, iperf,
         mechanism::{Installed, Mechanism},
         median, note,
+        redirect::{self, Redirector, RrServer, TCP_DST, UDP_DST, UdpSink},
     },
     lab::{ATTACKER_V4, HOST_V4, Lab},
     probe::in_netns,
+    sandbox_lab::{RedirectModel, SANDBOX_DNS_PORT, SANDBOX_SSH_PORT, SANDBOX_V4, SandboxLab},
 };
 
 const BENCH: &str = "veth";
@@ -72,6 +83,20 @@ const MAX_FLOOD: Duration = Duration::from_secs(30);
 /// Time for packets still in flight to reach the counters after the flood stops.
 const DRAIN: Duration = Duration::from_millis(300);
 
+/// Length of one TCP request/response run through the redirect.
+const RR: Duration = Duration::from_secs(4);
+/// Request/response client threads (each does one transaction at a time).
+const RR_CLIENTS: usize = 2;
+/// Threads of the sandbox's request/response server.
+const RR_SERVERS: usize = 2;
+/// Length of one UDP flood through the redirect.
+const REDIRECT_FLOOD: Duration = Duration::from_secs(3);
+/// Flooder threads through the redirect: one, so that the other core is left to the
+/// forwarding and to the sandbox's sink.
+const REDIRECT_FLOOD_THREADS: usize = 1;
+
+const REDIRECTORS: [Redirector; 2] = [Redirector::Mirage, Redirector::IptablesDnat];
+
 const MECHANISMS: [Mechanism; 4] = [
     Mechanism::Xdp,
     Mechanism::XdpNative,
@@ -97,6 +122,28 @@ struct Samples {
     drops: Vec<f64>,
     tcp: Vec<f64>,
     tcp_under_flood: Vec<f64>,
+}
+
+/// One redirect mechanism in its own sandbox lab. Fields drop in order: the mechanism (the
+/// agent detaches and unpins; the rules are flushed), the sandbox's servers, then the lab.
+struct RedirectCase {
+    installed: redirect::Installed,
+    rr_server: RrServer,
+    sink: UdpSink,
+    lab: SandboxLab,
+    mech: Redirector,
+    description: String,
+    samples: RedirectSamples,
+}
+
+/// What each round measured through the redirect.
+#[derive(Default)]
+struct RedirectSamples {
+    rr: Vec<f64>,
+    rr_errors: Vec<u64>,
+    offered: Vec<f64>,
+    received: Vec<f64>,
+    rx_frames: Vec<f64>,
 }
 
 fn main() -> Result<()> {
@@ -126,6 +173,10 @@ fn main() -> Result<()> {
     for mech in MECHANISMS {
         cases.push(setup(mech, &blocked)?);
     }
+    let mut redirects = Vec::new();
+    for mech in REDIRECTORS {
+        redirects.push(setup_redirect(mech, &blocked)?);
+    }
 
     // Two cores: a second flooder thread may raise the offered rate, or only contend with the
     // first for the CPU that also does the receiving. Measure both (against XDP) and keep the
@@ -153,10 +204,19 @@ fn main() -> Result<()> {
         for case in &mut cases {
             measure(case, threads)?;
         }
+        // Alternate which redirect mechanism goes first.
+        let n = redirects.len();
+        for i in 0..n {
+            let i = if round % 2 == 1 { i } else { n - 1 - i };
+            measure_redirect(&mut redirects[i])?;
+        }
     }
 
     emit(&cases)?;
+    emit_redirect(&redirects)?;
     summary(&cases, threads);
+    summary_redirect(&redirects);
+    drop(redirects);
     drop(cases);
     note(format!(
         "bench-veth done in {:.1} s",
@@ -358,4 +418,189 @@ fn summary(cases: &[Case], threads: usize) {
          mechanism could take more. The TCP transfer under the flood faces the same paced \
          flood for every mechanism.",
     );
+}
+
+/// Builds a sandbox lab with the sandbox's servers and `mech` installed alone, and checks that
+/// the attacker's TCP lands in the sandbox, seen from the expected address.
+fn setup_redirect(mech: Redirector, attackers: &[Ipv4Addr]) -> Result<RedirectCase> {
+    let lab = SandboxLab::new(RedirectModel::PreserveSource).context("building the sandbox lab")?;
+    redirect::tune_client(&lab)?;
+    let sandbox = lab.sandbox.name().to_owned();
+    let rr_server = RrServer::start(
+        &sandbox,
+        SocketAddr::new(SANDBOX_V4.into(), SANDBOX_SSH_PORT),
+        RR_SERVERS,
+    )?;
+    let sink = UdpSink::start(
+        &sandbox,
+        SocketAddr::new(SANDBOX_V4.into(), SANDBOX_DNS_PORT),
+    )?;
+    let t = Instant::now();
+    let installed = redirect::Installed::install(mech, &lab, attackers)?;
+    let took = t.elapsed();
+    redirect::check_tcp(lab.lab.attacker.name(), mech.sandbox_sees())
+        .with_context(|| format!("{}: the redirect does not work", mech.name()))?;
+    let description = installed.describe();
+    note(format!(
+        "{}: {description} ({} addresses installed in {:.2} s, lab {}); the attacker's TCP to {TCP_DST} reaches the sandbox, which sees {}",
+        mech.name(),
+        attackers.len(),
+        took.as_secs_f64(),
+        lab.lab.host.name(),
+        mech.sandbox_sees(),
+    ));
+    Ok(RedirectCase {
+        installed,
+        rr_server,
+        sink,
+        lab,
+        mech,
+        description,
+        samples: RedirectSamples::default(),
+    })
+}
+
+/// One round for one redirect mechanism: TCP request/response, then the UDP flood.
+fn measure_redirect(case: &mut RedirectCase) -> Result<()> {
+    let name = case.mech.name();
+    let attacker = case.lab.lab.attacker.name().to_owned();
+
+    let served = case.rr_server.served();
+    let rr = redirect::tcp_rr(&attacker, TCP_DST, RR_CLIENTS, RR)?;
+    if rr.transactions == 0 {
+        bail!(
+            "{name}: no TCP transaction through the redirect ({} failed)",
+            rr.errors
+        );
+    }
+    note(format!(
+        "{name:<24} tcp request/response {:.2} s: {} transactions ({:.0}/s), {} failed, the sandbox served {}",
+        rr.elapsed.as_secs_f64(),
+        rr.transactions,
+        rr.per_second(),
+        rr.errors,
+        case.rr_server.served() - served,
+    ));
+
+    let (before, rx_before) = (
+        case.sink.received(),
+        redirect::sandbox_rx_packets(&case.lab)?,
+    );
+    let report = flood::Flood {
+        ns: &attacker,
+        src: ATTACKER_V4,
+        dst: UDP_DST,
+        threads: REDIRECT_FLOOD_THREADS,
+        rate: None,
+    }
+    .run(REDIRECT_FLOOD, &AtomicBool::new(false))?;
+    thread::sleep(DRAIN);
+    let received = case.sink.received() - before;
+    let rx = redirect::sandbox_rx_packets(&case.lab)?.saturating_sub(rx_before);
+    if received == 0 {
+        bail!("{name}: the sandbox received nothing of the UDP flood");
+    }
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    let offered = report.offered_per_second();
+    note(format!(
+        "{name:<24} udp flood {secs:.2} s: sent {} ({offered:.0}/s, {} failed sendmmsg calls), the sandbox's sink received {received} ({:.0}/s, {:.1}% of sent), its interface {rx} frames",
+        report.sent,
+        report.errors,
+        received as f64 / secs,
+        100.0 * received as f64 / (report.sent as f64).max(1.0),
+    ));
+
+    let s = &mut case.samples;
+    s.rr.push(rr.per_second());
+    s.rr_errors.push(rr.errors);
+    s.offered.push(offered);
+    s.received.push(received as f64 / secs);
+    s.rx_frames.push(rx as f64 / secs);
+    Ok(())
+}
+
+/// The redirect's JSON lines: each mechanism's offered UDP rate, then Mirage against the
+/// iptables baseline for the TCP transaction rate and the UDP rate the sandbox received.
+fn emit_redirect(cases: &[RedirectCase]) -> Result<()> {
+    let rr_case = format!("tcp-rr/{BLOCKED}");
+    let udp_case = format!("udp-redirect/{BLOCKED}");
+    for c in cases {
+        let r = Record::alone(
+            BENCH,
+            format!("{udp_case}/{}", c.mech.name()),
+            "offered_packets_per_second",
+            median(&c.samples.offered),
+        );
+        println!("{}", r.to_json()?);
+    }
+    let find = |mech| {
+        cases
+            .iter()
+            .find(|c| c.mech == mech)
+            .with_context(|| format!("no {} case", mech.name()))
+    };
+    let (mirage, base) = (find(Redirector::Mirage)?, find(Redirector::IptablesDnat)?);
+    for (case, metric, value, baseline) in [
+        (
+            &rr_case,
+            "transactions_per_second",
+            median(&mirage.samples.rr),
+            median(&base.samples.rr),
+        ),
+        (
+            &udp_case,
+            "packets_per_second",
+            median(&mirage.samples.received),
+            median(&base.samples.received),
+        ),
+    ] {
+        let r = Record::rate(BENCH, case, metric, value, base.mech.name(), baseline);
+        println!("{}", r.to_json()?);
+    }
+    Ok(())
+}
+
+/// The redirect's raw medians, for the reader.
+fn summary_redirect(cases: &[RedirectCase]) {
+    note(format!(
+        "\nredirect (medians of {ROUNDS} rounds): {BLOCKED} attacker addresses, the benchmark attacker last; \
+         {RR_CLIENTS} request/response clients, {REDIRECT_FLOOD_THREADS} flooder thread(s)"
+    ));
+    note(format!(
+        "{:<26} {:>12} {:>10} {:>14} {:>14} {:>9} {:>15}",
+        "mechanism",
+        "tcp trans/s",
+        "failed",
+        "offered pkt/s",
+        "sandbox pkt/s",
+        "received",
+        "sandbox rx fr/s"
+    ));
+    for c in cases {
+        let s = &c.samples;
+        let (offered, received) = (median(&s.offered), median(&s.received));
+        note(format!(
+            "{:<26} {:>12.0} {:>10} {:>14.0} {:>14.0} {:>8.1}% {:>15.0}",
+            c.mech.name(),
+            median(&s.rr),
+            s.rr_errors.iter().sum::<u64>(),
+            offered,
+            received,
+            100.0 * received / offered.max(1e-9),
+            median(&s.rx_frames),
+        ));
+        note(format!(
+            "  rounds: tcp {:?} /s, sandbox udp {:?} /s",
+            round0(&s.rr),
+            round0(&s.received)
+        ));
+    }
+    for c in cases {
+        note(format!("  {}: {}", c.mech.name(), c.description));
+        note(format!("  {}: {}", c.mech.name(), c.installed.counters()));
+    }
+}
+
+fn round0(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| x.round()).collect()
 }
