@@ -8,7 +8,7 @@ use agent_common::programs;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 
 use crate::netns::unique_tag;
@@ -57,54 +57,16 @@ impl Object {
             .program_mut(name)
             .with_context(|| format!("program {name}"))?
             .try_into()?;
-        // Room for programs that grow the packet (encapsulation, later issues).
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(r.data_size_out as usize);
-        Ok(RunResult {
-            action: r.return_value,
-            output: out,
-            ns_per_run: r.duration.as_nanos() as f64,
-        })
+        test_run(prog, packet, None, repeat).context("BPF_PROG_TEST_RUN")
     }
-}
 
-impl Object {
     /// Runs the TC program over `packet` once through `BPF_PROG_TEST_RUN` (as an skb arriving
     /// on loopback of the calling thread's network namespace). Returns the TC verdict and the
     /// packet as the program left it.
     pub fn run_tc(&mut self, packet: &[u8]) -> Result<RunResult> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(programs::TC)
-            .context("program rewrite")?
-            .try_into()?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN (tc)")?;
-        out.truncate(r.data_size_out as usize);
-        Ok(RunResult {
-            action: r.return_value,
-            output: out,
-            ns_per_run: r.duration.as_nanos() as f64,
-        })
+        self.run_tc_repeat(packet, 1, 0)
     }
-}
 
-impl Object {
     /// Runs the TC program over `packet` `repeat` times through `BPF_PROG_TEST_RUN`, as an skb
     /// that arrived on interface `ingress_ifindex` of the calling thread's network namespace
     /// (0: none, as [`Object::run_tc`] does; the FIB lookup after a rewrite starts from it).
@@ -130,22 +92,8 @@ impl Object {
             .program_mut(programs::TC)
             .context("program rewrite")?
             .try_into()?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: (ingress_ifindex != 0).then_some(&ctx[..]),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN (tc)")?;
-        out.truncate(r.data_size_out as usize);
-        Ok(RunResult {
-            action: r.return_value,
-            output: out,
-            ns_per_run: r.duration.as_nanos() as f64,
-        })
+        let ctx_in = (ingress_ifindex != 0).then_some(&ctx[..]);
+        test_run(prog, packet, ctx_in, repeat).context("BPF_PROG_TEST_RUN (tc)")
     }
 
     /// The directory the object's maps are pinned in (to open one of them a second time, e.g.
@@ -153,6 +101,28 @@ impl Object {
     pub fn pin_dir(&self) -> PathBuf {
         loader::pin_dir(&self.root)
     }
+}
+
+/// One `BPF_PROG_TEST_RUN` of any program type aya can test-run with packet data.
+fn test_run<P>(prog: &mut P, packet: &[u8], ctx_in: Option<&[u8]>, repeat: u32) -> Result<RunResult>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    // Room for programs that grow the packet (encapsulation).
+    let mut out = vec![0u8; packet.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in,
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        action: r.return_value,
+        output: out,
+        ns_per_run: r.duration.as_nanos() as f64,
+    })
 }
 
 impl Drop for Object {
