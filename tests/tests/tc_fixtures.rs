@@ -478,9 +478,23 @@ fn reflect_turns_the_connection_back() {
             XDP_PASS,
             &tcp6(host6(), 80, attacker6(), 40000, SYN | ACK),
         );
+        step(
+            &mut obj,
+            "v6 udp reflected",
+            &udp6(attacker6(), 5353, host6(), 53),
+            XDP_PASS,
+            &udp6(host6(), 5353, attacker6(), 53),
+        );
+        step(
+            &mut obj,
+            "v6 the attacker's own udp answer goes back",
+            &udp6(attacker6(), 53, host6(), 5353),
+            XDP_PASS,
+            &udp6(host6(), 53, attacker6(), 5353),
+        );
         let g = obj.maps.global().unwrap();
-        assert_eq!(g["reflect"], 5);
-        assert_eq!(g["flow_new"], 3);
+        assert_eq!(g["reflect"], 7);
+        assert_eq!(g["flow_new"], 4);
 
         // A cap of 0 switches reflection off: the packet reaches the real service untouched.
         let mut cfg = obj.maps.config().unwrap();
