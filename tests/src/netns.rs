@@ -9,10 +9,113 @@ use anyhow::{Context as _, Result, bail};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A unique short tag for names made by this process: `<pid36><n>`.
+/// A unique short tag for names made by this process: `<pid36>-<n>`. Every namespace, pin
+/// directory and log file the lab makes carries one, so [`cleanup_on_interrupt`] can find what
+/// this process made by the prefix `<pid36>-` (the dash keeps one process's prefix from being
+/// a prefix of another's).
 pub fn unique_tag() -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{}{n}", radix36(std::process::id()))
+    format!("{}-{n}", process_tag())
+}
+
+/// This process's part of [`unique_tag`].
+fn process_tag() -> String {
+    radix36(std::process::id())
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP clean up before the process exits. The RAII guards do not
+/// run when a signal kills a process, so a Ctrl-C during `cargo xtask demo` or a benchmark
+/// would leave namespaces, veths and pins behind. Call this first thing in `main`, before any
+/// thread is started: the signals are blocked here (and so in every thread started later) and
+/// a dedicated thread waits for them; on one it kills this process's own children (by PID),
+/// deletes the namespaces and bpffs pin directories named with this process's tag (which also
+/// detaches any XDP/TC link pinned there and removes the veths), and exits with 128 + signal.
+pub fn cleanup_on_interrupt() -> Result<()> {
+    // SAFETY: plain libc calls on a local, initialised sigset.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("blocking signals: {}", std::io::Error::last_os_error());
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("interrupt".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is a valid sigset; sigwait writes the signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            #[expect(
+                clippy::print_stderr,
+                reason = "the operator pressed Ctrl-C and must see why we linger"
+            )]
+            {
+                eprintln!("\nInterrupted: removing this run's namespaces, pins and processes.");
+            }
+            reap();
+            std::process::exit(128 + sig);
+        })
+        .context("starting the interrupt thread")?;
+    Ok(())
+}
+
+/// Removes everything this process made, found by name (see [`unique_tag`]).
+fn reap() {
+    let me = std::process::id();
+    let prefix = format!("{}-", process_tag());
+    // Children first, by PID: agents, iperf3, pings still running.
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // The parent PID is the second field after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(me) {
+                // SAFETY: signalling our own child by PID.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name
+                .strip_prefix("mirage-")
+                .is_some_and(|rest| rest.starts_with(&prefix))
+            {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for (dir, start) in [
+        (
+            std::path::Path::new("/sys/fs/bpf"),
+            format!("mirage-test-{prefix}"),
+        ),
+        (tmp.as_path(), format!("mirage-agent-{prefix}")),
+        (tmp.as_path(), format!("mirage-sandbox-{prefix}")),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&start) {
+                    let p = e.path();
+                    let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+                }
+            }
+        }
+    }
 }
 
 fn radix36(mut v: u32) -> String {

@@ -147,6 +147,7 @@ struct RedirectSamples {
 }
 
 fn main() -> Result<()> {
+    tests::netns::cleanup_on_interrupt()?;
     let started = Instant::now();
     for tool in ["iptables-restore", "nft", "iperf3"] {
         let found = Command::new(tool)

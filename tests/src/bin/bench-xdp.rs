@@ -77,6 +77,7 @@ const LO_IFINDEX: u32 = 1;
 const PSH: u8 = 0x08;
 
 fn main() -> Result<()> {
+    tests::netns::cleanup_on_interrupt()?;
     let started = Instant::now();
     let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
         .map(|s| s.trim().to_owned())

@@ -44,6 +44,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const STEPS: usize = 11;
 
 fn main() -> ExitCode {
+    if let Err(err) = tests::netns::cleanup_on_interrupt() {
+        eprintln!("warning: Ctrl-C will not clean up: {err:#}");
+    }
     let style = Style::detect();
     let mut checks = Checks::default();
     let result = run(&style, &mut checks);
