@@ -192,7 +192,8 @@ impl Drop for EchoServer {
     }
 }
 
-fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+/// Spawns a named thread (names show in panics and debuggers), with the name in the error.
+pub fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     thread::Builder::new()
         .name(name.to_owned())
         .spawn(f)

@@ -43,7 +43,7 @@ use serde::Deserialize;
 use crate::{
     lab::{ATTACKER_V4, ATTACKER_V6, Agent, HOST_IFACE, HOST_V4, HOST_V6, LEGIT_V4, LEGIT_V6, Lab},
     netns::{Netns, unique_tag, veth},
-    probe::in_netns,
+    probe::{in_netns, spawn_named},
 };
 
 /// The host's sandbox-facing interface (the agent's second `--iface`).
@@ -386,13 +386,6 @@ impl Drop for Service {
             let _ = t.join();
         }
     }
-}
-
-fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(f)
-        .with_context(|| format!("spawning the {name} thread"))
 }
 
 fn serve_tcp(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>) {
