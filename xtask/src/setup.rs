@@ -12,7 +12,10 @@ use crate::exec::{capture, capture_ok, cargo_bin_dir, cmd, exec, require_root, w
 /// (DESIGN.md, toolchain facts).
 const LLVM_MAJOR: u32 = 22;
 
-/// Debian packages: LLVM for building bpf-linker, and the network tools the lab and tests use.
+/// Debian packages: LLVM for building bpf-linker, the network tools the lab and tests use, and
+/// PostgreSQL 15 (`initdb`, `pg_ctl`, `postgres` under `/usr/lib/postgresql/15/bin`), which the
+/// manager runs as its embedded cluster and its tests start themselves. The package's own
+/// `main` cluster, if one runs, is not used: ours listen only in their own socket directories.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "iputils-ping",
     "procps",
+    "postgresql-15",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
