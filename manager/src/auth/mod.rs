@@ -1,4 +1,5 @@
-//! Identity and access: roles, password hashing, session tokens.
+//! Identity and access: roles, password hashing, session tokens, the session and role
+//! extractors, CSRF, and the login throttle.
 //!
 //! A session is a 256-bit random token in an `HttpOnly`, `SameSite=Strict` cookie (`Secure` and
 //! `__Host-`-prefixed unless `cookie_secure = false`); the database keeps only its SHA-256, so a
@@ -8,12 +9,16 @@
 //! cross-site form.
 
 pub mod password;
+pub mod session;
+pub mod throttle;
 
 use std::{fmt, str::FromStr};
 
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+pub use self::session::{Admin, MinRole, Operator, RequireRole, Session, Viewer};
 
 /// Header carrying the CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
