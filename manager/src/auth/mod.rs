@@ -8,6 +8,7 @@
 //! alone leaves same-site subdomains and older browsers, and the header cannot be set by a
 //! cross-site form.
 
+pub mod bearer;
 pub mod password;
 pub mod session;
 pub mod throttle;
@@ -18,6 +19,7 @@ use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+pub use self::bearer::{AgentAuth, ServiceAuth};
 pub use self::session::{Admin, MinRole, Operator, RequireRole, Session, Viewer};
 
 /// Header carrying the CSRF token.

@@ -2,10 +2,12 @@
 //! migrations, and one module of queries per table. Queries are plain `sqlx::query` strings
 //! checked at run time (against the real schema by the tests), so building needs no database.
 
+pub mod agents;
 pub mod audit_log;
 pub mod embedded;
 pub mod login_attempts;
 pub mod migrate;
+pub mod service_credentials;
 pub mod sessions;
 pub mod users;
 

@@ -1,14 +1,16 @@
 //! The HTTP routes, one module per resource. JSON API under `/api/v1`; `/healthz` and `/metrics`
 //! at the root.
 
+pub mod agents;
 pub mod audit_log;
 pub mod auth;
 pub mod health;
+pub mod service_credentials;
 pub mod users;
 
 use axum::{
     Router,
-    routing::{get, patch, post},
+    routing::{delete, get, patch, post},
 };
 
 use crate::AppState;
@@ -27,4 +29,17 @@ pub fn router() -> Router<AppState> {
             patch(users::update).delete(users::delete),
         )
         .route("/api/v1/audit-log", get(audit_log::list))
+        .route("/api/v1/enrollment-tokens", post(agents::create_token))
+        .route("/api/v1/agent/enroll", post(agents::enroll))
+        .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
+        .route("/api/v1/agents", get(agents::list))
+        .route("/api/v1/agents/{id}", delete(agents::revoke))
+        .route(
+            "/api/v1/service-credentials",
+            get(service_credentials::list).post(service_credentials::create),
+        )
+        .route(
+            "/api/v1/service-credentials/{id}",
+            delete(service_credentials::revoke),
+        )
 }
