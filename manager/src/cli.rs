@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
-use crate::{AppState, ManagerConfig, admin, app, db};
+use crate::{AppState, ManagerConfig, admin, app, db, policy};
+
+/// How often expired attackers are removed (agents also expire them in the kernel on time).
+const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// mirage-manager: the Mirage control plane.
 #[derive(Debug, Parser)]
@@ -127,6 +130,7 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
         .with_context(|| format!("listening on {}", config.listen))?;
     info!(listen = %config.listen, "Serving.");
     let sweeper = tokio::spawn(sweep(pool.clone()));
+    let expiry = tokio::spawn(policy::expiry::run(pool.clone(), EXPIRY_SWEEP));
     let state = AppState::new(pool, config.clone());
     let served = axum::serve(
         listener,
@@ -136,6 +140,7 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
     .await
     .context("serving HTTP");
     sweeper.abort();
+    expiry.abort();
     info!("Stopped serving.");
     served
 }

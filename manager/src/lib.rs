@@ -1,6 +1,6 @@
 //! `mirage-manager`: the control plane. It keeps users, agents, policies, attackers, attack logs
-//! and sandbox sessions in PostgreSQL and serves them over a JSON API (later also the web UI and
-//! the agents' policy stream). It sits at the top of the data path: `mirage-server` reports
+//! and sandbox sessions in PostgreSQL and serves them over a JSON API, and streams policy deltas to
+//! the agents ([`policy`]; later also the web UI). It sits at the top of the data path: `mirage-server` reports
 //! verdicts to it, and it pushes policy to every `mirage-agent`.
 //!
 //! Run it with `mirage-manager serve [--config FILE]`; with no `database_url` it starts and owns a
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod policy;
 pub mod routes;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
@@ -25,6 +26,7 @@ use axum::{Router, middleware};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
+use crate::policy::bus::PolicyBus;
 pub use crate::{config::ManagerConfig, error::AppError};
 
 /// What every handler shares.
@@ -36,12 +38,15 @@ pub struct AppState {
     pub config: Arc<ManagerConfig>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Policy change wake-ups for the agents' streams (this replica's LISTEN connection).
+    pub bus: PolicyBus,
 }
 
 impl AppState {
     /// State over `db` with `config`, using the process-wide metrics recorder.
     pub fn new(db: PgPool, config: ManagerConfig) -> Self {
         Self {
+            bus: PolicyBus::new(db.clone()),
             db,
             config: Arc::new(config),
             metrics: telemetry::install(),

@@ -355,3 +355,510 @@ async fn service_credentials_are_admin_only_and_revocable() {
     );
     assert!(check(credential).await.is_err());
 }
+
+async fn revisions(pool: &PgPool) -> Vec<(i64, String, Option<String>)> {
+    sqlx::query_as("SELECT revision, op, net::text FROM policy_revisions ORDER BY revision")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn viewers_cannot_block_and_operators_cannot_force() {
+    let s = setup().await;
+    let viewer = s
+        .post(
+            &s.view,
+            "/api/v1/attackers",
+            json!({ "net": "198.51.100.7" }),
+        )
+        .await;
+    assert_eq!(viewer.status, StatusCode::FORBIDDEN);
+    let force = s
+        .post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": "10.0.0.0/8", "force": true }),
+        )
+        .await;
+    assert_eq!(force.status, StatusCode::FORBIDDEN);
+    assert!(force.body["error"].as_str().unwrap().contains("admin"));
+    let admin = s
+        .post(
+            &s.admin,
+            "/api/v1/attackers",
+            json!({ "net": "10.0.0.0/8", "force": true }),
+        )
+        .await;
+    assert_eq!(admin.status, StatusCode::CREATED, "{}", admin.body);
+    let id = admin.body["id"].as_i64().unwrap();
+    let unblock = s.delete(&s.view, &format!("/api/v1/attackers/{id}")).await;
+    assert_eq!(unblock.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        s.get(&s.view, "/api/v1/attackers").await.body[0]["net"],
+        "10.0.0.0/8"
+    );
+}
+
+#[tokio::test]
+async fn attacker_input_is_validated() {
+    let s = setup().await;
+    for (body, needle) in [
+        (
+            json!({ "net": "198.51.100.7/24" }),
+            "did you mean `198.51.100.0/24`",
+        ),
+        (json!({ "net": "10.0.0.0/8" }), "broader than /16"),
+        (json!({ "net": "2001:d00::/24" }), "broader than /32"),
+        (json!({ "net": "0.0.0.0/0", "force": false }), "too broad"),
+        (json!({ "net": "nope" }), "not an IPv4"),
+        (
+            json!({ "net": "198.51.100.7", "action": "nuke" }),
+            "unknown action",
+        ),
+        (json!({ "net": "198.51.100.7", "ttl_secs": 0 }), "ttl_secs"),
+        (
+            json!({ "net": "198.51.100.7", "group": "nope" }),
+            "no agent group",
+        ),
+        (json!({ "address": "198.51.100.7" }), "unknown field"),
+    ] {
+        let reply = s.post(&s.oper, "/api/v1/attackers", body.clone()).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        let message = reply.body["error"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    // IPv4-mapped addresses fold to IPv4.
+    let mapped = s
+        .post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": "::ffff:198.51.100.7", "action": "drop", "reason": "scan" }),
+        )
+        .await;
+    assert_eq!(mapped.status, StatusCode::CREATED, "{}", mapped.body);
+    assert_eq!(mapped.body["net"], "198.51.100.7/32");
+
+    // The allowlist is never bypassed: exact matches, addresses inside and ranges around.
+    let allow = s
+        .post(
+            &s.oper,
+            "/api/v1/allowlist",
+            json!({ "net": "192.0.2.0/28" }),
+        )
+        .await;
+    assert_eq!(allow.status, StatusCode::OK, "{}", allow.body);
+    assert_eq!(allow.body["allowlist"], json!(["192.0.2.0/28"]));
+    for net in [
+        "192.0.2.0/28",
+        "192.0.2.5",
+        "192.0.2.0/24",
+        "::ffff:192.0.2.1",
+    ] {
+        for group in [None, Some("default")] {
+            let reply = s
+                .post(
+                    &s.admin,
+                    "/api/v1/attackers",
+                    json!({ "net": net, "group": group }),
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{net}");
+            assert!(
+                reply.body["error"].as_str().unwrap().contains("allowlist"),
+                "{}",
+                reply.body
+            );
+        }
+    }
+    let dup = s
+        .post(
+            &s.oper,
+            "/api/v1/allowlist",
+            json!({ "net": "192.0.2.0/28" }),
+        )
+        .await;
+    assert_eq!(dup.status, StatusCode::CONFLICT);
+    let bad = s
+        .post(
+            &s.oper,
+            "/api/v1/allowlist",
+            json!({ "net": "192.0.2.1/24" }),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let removed = s
+        .delete(&s.oper, "/api/v1/allowlist?net=192.0.2.0/28")
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{}", removed.body);
+    assert_eq!(removed.body["allowlist"], json!([]));
+    let now_ok = s
+        .post(&s.oper, "/api/v1/attackers", json!({ "net": "192.0.2.5" }))
+        .await;
+    assert_eq!(now_ok.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn revisions_are_gapless_and_every_change_audited() {
+    let s = setup().await;
+    let a = s
+        .post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": "198.51.100.1" }),
+        )
+        .await;
+    assert_eq!(a.body["revision"], 1);
+    // A refused change takes no revision.
+    let refused = s
+        .post(&s.oper, "/api/v1/attackers", json!({ "net": "10.0.0.0/8" }))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    s.post(&s.oper, "/api/v1/allowlist", json!({ "net": "192.0.2.1" }))
+        .await;
+    let id = a.body["id"].as_i64().unwrap();
+    assert_eq!(
+        s.delete(&s.oper, &format!("/api/v1/attackers/{id}"))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        s.delete(&s.oper, &format!("/api/v1/attackers/{id}"))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // Concurrent writers still get consecutive revisions.
+    let writes = (0..12).map(|i| {
+        let s = &s;
+        async move {
+            s.post(
+                &s.oper,
+                "/api/v1/attackers",
+                json!({ "net": format!("203.0.113.{i}"), "action": "drop" }),
+            )
+            .await
+            .status
+        }
+    });
+    for status in futures_util::future::join_all(writes).await {
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let revs = revisions(&s.db.pool).await;
+    let numbers: Vec<i64> = revs.iter().map(|r| r.0).collect();
+    assert_eq!(numbers, (1..=15).collect::<Vec<_>>());
+    assert_eq!(
+        revs[0],
+        (1, "add".to_owned(), Some("198.51.100.1/32".to_owned()))
+    );
+    assert_eq!(revs[1].1, "policy");
+    assert_eq!(
+        revs[2],
+        (3, "remove".to_owned(), Some("198.51.100.1/32".to_owned()))
+    );
+    let head: i64 = sqlx::query_scalar("SELECT revision FROM policy_head")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(head, 15);
+    let actions = audit_actions(&s.db.pool).await;
+    assert_eq!(actions.len(), 15);
+    assert_eq!(
+        actions[..3],
+        ["attacker.block", "allowlist.add", "attacker.unblock"]
+    );
+
+    // Search by containment, and paging.
+    let hits = s.get(&s.view, "/api/v1/attackers?q=203.0.113.0/24").await;
+    assert_eq!(hits.body.as_array().unwrap().len(), 12);
+    let one = s.get(&s.view, "/api/v1/attackers?q=203.0.113.5").await;
+    assert_eq!(one.body.as_array().unwrap().len(), 1);
+    let page = s.get(&s.view, "/api/v1/attackers?limit=5").await;
+    let last = page.body[4]["id"].as_i64().unwrap();
+    let next = s
+        .get(
+            &s.view,
+            &format!("/api/v1/attackers?limit=100&before={last}"),
+        )
+        .await;
+    assert_eq!(next.body.as_array().unwrap().len(), 7);
+    let bad = s.get(&s.view, "/api/v1/attackers?q=zzz").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn polling_agents_get_a_snapshot_then_deltas() {
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.1", "action": "drop" }),
+    )
+    .await;
+    let poll = |since: Option<i64>| {
+        let req = request(
+            Method::POST,
+            "/api/v1/agent/policy",
+            Some(&json!({ "since": since })),
+        );
+        call(&s.app, bearer(req, &credential))
+    };
+    let snapshot = poll(None).await;
+    assert_eq!(snapshot.status, StatusCode::OK, "{}", snapshot.body);
+    assert_eq!(snapshot.body["kind"], "snapshot");
+    assert_eq!(snapshot.body["revision"], 1);
+    assert_eq!(snapshot.body["policy"]["mode"], "unreal");
+    assert_eq!(
+        snapshot.body["attackers"],
+        json!([{ "net": "198.51.100.1/32", "action": "drop" }])
+    );
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.2", "ttl_secs": 60 }),
+    )
+    .await;
+    let deltas = poll(Some(1)).await;
+    assert_eq!(deltas.body["kind"], "deltas");
+    assert_eq!(deltas.body["revision"], 2);
+    assert_eq!(deltas.body["deltas"][0]["op"], "add");
+    assert_eq!(deltas.body["deltas"][0]["net"], "198.51.100.2/32");
+    assert!(deltas.body["deltas"][0]["expires_at"].is_string());
+    let current = poll(Some(2)).await;
+    assert_eq!(
+        current.body,
+        json!({ "kind": "deltas", "revision": 2, "deltas": [] })
+    );
+    // Ahead of the head (another database?) or pruned from the log: a snapshot.
+    assert_eq!(poll(Some(99)).await.body["kind"], "snapshot");
+    sqlx::query("DELETE FROM policy_revisions WHERE revision = 1")
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(poll(Some(0)).await.body["kind"], "snapshot");
+    assert_eq!(poll(Some(1)).await.body["kind"], "deltas");
+}
+
+/// One server-sent event.
+#[derive(Debug)]
+struct SseEvent {
+    event: String,
+    id: i64,
+    data: Value,
+}
+
+/// Reads events from a streaming response body.
+struct SseReader {
+    body: Body,
+    buf: String,
+}
+
+impl SseReader {
+    /// Opens `GET /api/v1/agent/stream` on `app` for `credential`, with `Last-Event-ID` if given.
+    async fn open(app: &Router, credential: &str, last_event_id: Option<i64>) -> Self {
+        let mut req = bearer(
+            request(Method::GET, "/api/v1/agent/stream", None),
+            credential,
+        );
+        if let Some(id) = last_event_id {
+            req.headers_mut()
+                .insert("last-event-id", id.to_string().parse().unwrap());
+        }
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+        Self {
+            body: resp.into_body(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped), failing after `secs` seconds.
+    async fn next_within(&mut self, secs: u64) -> SseEvent {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::new(), None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if let Some(id) = id {
+                    return SseEvent {
+                        event,
+                        id,
+                        data: serde_json::from_str(&data).unwrap(),
+                    };
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("no event in time")
+                .expect("stream ended")
+                .unwrap();
+            if let Ok(bytes) = frame.into_data() {
+                self.buf.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+    }
+
+    async fn next(&mut self) -> SseEvent {
+        self.next_within(10).await
+    }
+}
+
+#[tokio::test]
+async fn streams_a_snapshot_then_deltas_and_resumes() {
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.1", "action": "drop" }),
+    )
+    .await;
+    let mut stream = SseReader::open(&s.app, &credential, None).await;
+    let snapshot = stream.next().await;
+    assert_eq!((snapshot.event.as_str(), snapshot.id), ("snapshot", 1));
+    assert_eq!(snapshot.data["attackers"][0]["net"], "198.51.100.1/32");
+    assert_eq!(snapshot.data["policy"]["redirect_model"], "preserve-source");
+
+    let blocked = s
+        .post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": "2001:db8::66", "action": "redirect" }),
+        )
+        .await;
+    let delta = stream.next().await;
+    assert_eq!((delta.event.as_str(), delta.id), ("delta", 2));
+    assert_eq!(delta.data["op"], "add");
+    assert_eq!(delta.data["net"], "2001:db8::66/128");
+    assert_eq!(delta.data["action"], "redirect");
+    drop(stream);
+
+    // Missed while disconnected: an unblock and an allowlist change.
+    let id = blocked.body["id"].as_i64().unwrap();
+    s.delete(&s.oper, &format!("/api/v1/attackers/{id}")).await;
+    s.post(&s.oper, "/api/v1/allowlist", json!({ "net": "192.0.2.1" }))
+        .await;
+    let mut resumed = SseReader::open(&s.app, &credential, Some(2)).await;
+    let first = resumed.next().await;
+    assert_eq!((first.event.as_str(), first.id), ("delta", 3));
+    assert_eq!(first.data["op"], "remove");
+    let second = resumed.next().await;
+    assert_eq!(second.id, 4);
+    assert_eq!(second.data["op"], "policy");
+    assert_eq!(second.data["details"]["allowlist"], json!(["192.0.2.1/32"]));
+    // Nothing repeated, and the next change arrives as revision 5.
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.9" }),
+    )
+    .await;
+    assert_eq!(resumed.next().await.id, 5);
+
+    // A revision no longer in the log: a snapshot instead.
+    sqlx::query("DELETE FROM policy_revisions WHERE revision <= 3")
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    let mut fresh = SseReader::open(&s.app, &credential, Some(1)).await;
+    let snapshot = fresh.next().await;
+    assert_eq!((snapshot.event.as_str(), snapshot.id), ("snapshot", 5));
+    assert_eq!(snapshot.data["attackers"].as_array().unwrap().len(), 2);
+
+    // Bad or missing credentials.
+    let req = request(Method::GET, "/api/v1/agent/stream", None);
+    assert_eq!(call(&s.app, req).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_a_stream_on_another() {
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    // A second manager: its own pool, state and LISTEN connection, on the same database.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&s.db.url)
+        .await
+        .unwrap();
+    let replica = app(manager::AppState::new(
+        pool,
+        manager::test_util::test_config(),
+    ));
+    let mut stream = SseReader::open(&replica, &credential, None).await;
+    assert_eq!(stream.next().await.event, "snapshot");
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.1" }),
+    )
+    .await;
+    // Well before the 15 s re-check: only NOTIFY can have woken it.
+    let delta = stream.next_within(5).await;
+    assert_eq!((delta.event.as_str(), delta.id), ("delta", 1));
+    assert_eq!(delta.data["net"], "198.51.100.1/32");
+}
+
+#[tokio::test]
+async fn the_expiry_sweep_writes_remove_revisions() {
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.1", "ttl_secs": 3600 }),
+    )
+    .await;
+    s.post(
+        &s.oper,
+        "/api/v1/attackers",
+        json!({ "net": "198.51.100.2" }),
+    )
+    .await;
+    assert_eq!(
+        manager::policy::expiry::sweep_once(&s.db.pool)
+            .await
+            .unwrap(),
+        0
+    );
+    let mut stream = SseReader::open(&s.app, &credential, Some(2)).await;
+    sqlx::query(
+        "UPDATE attackers SET expires_at = now() - interval '1 second' WHERE net = '198.51.100.1'",
+    )
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        manager::policy::expiry::sweep_once(&s.db.pool)
+            .await
+            .unwrap(),
+        1
+    );
+    let delta = stream.next().await;
+    assert_eq!((delta.event.as_str(), delta.id), ("delta", 3));
+    assert_eq!(delta.data["op"], "remove");
+    assert_eq!(delta.data["net"], "198.51.100.1/32");
+    let left = s.get(&s.view, "/api/v1/attackers").await;
+    assert_eq!(left.body.as_array().unwrap().len(), 1);
+    assert_eq!(left.body[0]["net"], "198.51.100.2/32");
+    assert_eq!(
+        revisions(&s.db.pool).await[2],
+        (3, "remove".to_owned(), Some("198.51.100.1/32".to_owned()))
+    );
+    assert_eq!(
+        audit_actions(&s.db.pool).await.last().unwrap(),
+        "attacker.expire"
+    );
+}

@@ -220,3 +220,11 @@ pub async fn report(
     .map(Agent::from_row)
     .transpose()
 }
+
+/// Whether an agent exists and is not revoked.
+pub async fn is_live(ex: impl PgExecutor<'_>, id: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agents WHERE id = $1 AND revoked_at IS NULL)")
+        .bind(id)
+        .fetch_one(ex)
+        .await
+}

@@ -3,10 +3,13 @@
 //! checked at run time (against the real schema by the tests), so building needs no database.
 
 pub mod agents;
+pub mod attackers;
 pub mod audit_log;
 pub mod embedded;
 pub mod login_attempts;
 pub mod migrate;
+pub mod policies;
+pub mod policy_revisions;
 pub mod service_credentials;
 pub mod sessions;
 pub mod users;

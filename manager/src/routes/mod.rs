@@ -1,7 +1,10 @@
 //! The HTTP routes, one module per resource. JSON API under `/api/v1`; `/healthz` and `/metrics`
 //! at the root.
 
+pub mod agent_policy;
 pub mod agents;
+pub mod allowlist;
+pub mod attackers;
 pub mod audit_log;
 pub mod auth;
 pub mod health;
@@ -32,8 +35,19 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/enrollment-tokens", post(agents::create_token))
         .route("/api/v1/agent/enroll", post(agents::enroll))
         .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
+        .route("/api/v1/agent/stream", get(agent_policy::stream))
+        .route("/api/v1/agent/policy", post(agent_policy::poll))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{id}", delete(agents::revoke))
+        .route(
+            "/api/v1/attackers",
+            get(attackers::list).post(attackers::create),
+        )
+        .route("/api/v1/attackers/{id}", delete(attackers::delete))
+        .route(
+            "/api/v1/allowlist",
+            post(allowlist::add).delete(allowlist::remove),
+        )
         .route(
             "/api/v1/service-credentials",
             get(service_credentials::list).post(service_credentials::create),

@@ -1,0 +1,115 @@
+//! The `policies` table: one row per agent group.
+
+use ipnet::IpNet;
+use serde::Serialize;
+use sqlx::{PgExecutor, Row as _, postgres::PgRow};
+
+/// A group's policy, as agents receive it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Policy {
+    /// The group.
+    pub group_id: i64,
+    /// `honeypot`, `unreal`, `reflect` or `firewall`.
+    pub mode: String,
+    /// `preserve-source` or `full-nat`.
+    pub redirect_model: String,
+    /// Sources never dropped, redirected or reflected.
+    pub allowlist: Vec<IpNet>,
+    /// Honeypot mode: ports left to the real services.
+    pub allowlisted_ports: Vec<String>,
+    /// Sandbox targets per port.
+    pub sandbox_targets: serde_json::Value,
+    /// NAT and reflect settings.
+    pub nat: serde_json::Value,
+    /// Lifetime of automatic entries.
+    pub default_ttl_secs: Option<i64>,
+    /// Action of automatic entries.
+    pub default_action: String,
+    /// The revision of its last change.
+    pub revision: i64,
+}
+
+const COLUMNS: &str = "group_id, mode, redirect_model, allowlist, allowlisted_ports, \
+                       sandbox_targets, nat, default_ttl_secs, default_action, revision";
+
+impl Policy {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            group_id: row.try_get("group_id")?,
+            mode: row.try_get("mode")?,
+            redirect_model: row.try_get("redirect_model")?,
+            allowlist: row.try_get("allowlist")?,
+            allowlisted_ports: row.try_get("allowlisted_ports")?,
+            sandbox_targets: row.try_get("sandbox_targets")?,
+            nat: row.try_get("nat")?,
+            default_ttl_secs: row.try_get("default_ttl_secs")?,
+            default_action: row.try_get("default_action")?,
+            revision: row.try_get("revision")?,
+        })
+    }
+}
+
+/// A group's policy.
+pub async fn get(ex: impl PgExecutor<'_>, group_id: i64) -> Result<Option<Policy>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM policies WHERE group_id = $1"
+    ))
+    .bind(group_id)
+    .fetch_optional(ex)
+    .await?
+    .as_ref()
+    .map(Policy::from_row)
+    .transpose()
+}
+
+/// Locks a group's policy for a change.
+pub async fn lock(ex: impl PgExecutor<'_>, group_id: i64) -> Result<Option<Policy>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM policies WHERE group_id = $1 FOR UPDATE"
+    ))
+    .bind(group_id)
+    .fetch_optional(ex)
+    .await?
+    .as_ref()
+    .map(Policy::from_row)
+    .transpose()
+}
+
+/// Replaces a group's allowlist, stamping `revision`.
+pub async fn set_allowlist(
+    ex: impl PgExecutor<'_>,
+    group_id: i64,
+    allowlist: &[IpNet],
+    revision: i64,
+    user_id: Option<i64>,
+) -> Result<Policy, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "UPDATE policies SET allowlist = $2::cidr[], revision = $3, updated_at = now(), \
+         updated_by = $4 WHERE group_id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(group_id)
+    .bind(allowlist)
+    .bind(revision)
+    .bind(user_id)
+    .fetch_one(ex)
+    .await?;
+    Policy::from_row(&row)
+}
+
+/// The allowlist entry (of `group_id`'s policy, or of any group's when `None`) that overlaps
+/// `net`, if any: an attacker entry there would be ignored by the kernel at best, and would
+/// lock an admin out if the allowlist were ever bypassed.
+pub async fn allowlist_overlap(
+    ex: impl PgExecutor<'_>,
+    net: IpNet,
+    group_id: Option<i64>,
+) -> Result<Option<IpNet>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT a FROM policies p, unnest(p.allowlist) AS a \
+         WHERE ($2::bigint IS NULL OR p.group_id = $2) AND a && $1::cidr LIMIT 1",
+    )
+    .bind(net)
+    .bind(group_id)
+    .fetch_optional(ex)
+    .await
+}

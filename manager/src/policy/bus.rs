@@ -1,0 +1,87 @@
+//! [`PolicyBus`]: one `LISTEN mirage_policy` connection per manager, fanned out to every open
+//! agent stream through a tokio broadcast channel. A notification only wakes streams; each stream
+//! then reads the revisions after its own position from the database, so a lost or coalesced
+//! notification, or a lagging receiver, costs a query, never a revision. Replicas on one
+//! database wake each other the same way: the NOTIFY comes from whichever replica committed.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::{PgPool, postgres::PgListener};
+use tokio::sync::{OnceCell, broadcast};
+
+use crate::db::policy_revisions::CHANNEL;
+
+/// Wake-ups buffered per stream; a stream further behind sees `Lagged` and simply re-reads.
+const CAPACITY: usize = 64;
+
+/// The fan-out of policy notifications.
+#[derive(Debug, Clone)]
+pub struct PolicyBus {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: PgPool,
+    tx: broadcast::Sender<i64>,
+    listening: OnceCell<()>,
+}
+
+impl PolicyBus {
+    /// A bus over `pool`'s database; it starts listening on the first [`PolicyBus::subscribe`].
+    pub fn new(pool: PgPool) -> Self {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                tx,
+                listening: OnceCell::new(),
+            }),
+        }
+    }
+
+    /// A receiver of wake-ups (the revision notified; 0 after a reconnect of the LISTEN
+    /// connection, when notifications may have been lost). When this returns, the LISTEN is in
+    /// place: anything committed afterwards wakes the receiver, so a caller that subscribes
+    /// before reading the database misses nothing.
+    pub async fn subscribe(&self) -> Result<broadcast::Receiver<i64>, sqlx::Error> {
+        let rx = self.inner.tx.subscribe();
+        self.inner
+            .listening
+            .get_or_try_init(|| async {
+                let mut listener = PgListener::connect_with(&self.inner.pool).await?;
+                listener.listen(CHANNEL).await?;
+                tokio::spawn(relay(listener, self.inner.tx.clone()));
+                Ok::<_, sqlx::Error>(())
+            })
+            .await?;
+        Ok(rx)
+    }
+
+    /// Wakes this manager's streams (tests, and after local changes made without NOTIFY).
+    pub fn wake(&self, revision: i64) {
+        let _ = self.inner.tx.send(revision);
+    }
+}
+
+/// Forwards notifications until the process ends. sqlx reconnects a lost connection and
+/// re-issues the LISTEN; notifications sent meanwhile are lost, so streams are woken to re-read.
+async fn relay(mut listener: PgListener, tx: broadcast::Sender<i64>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => {
+                let revision = notification.payload().parse().unwrap_or(0);
+                let _ = tx.send(revision);
+            }
+            Ok(None) => {
+                tracing::warn!("The LISTEN connection was lost and re-established.");
+                let _ = tx.send(0);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "LISTEN failed; retrying in 1 s.");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tx.send(0);
+            }
+        }
+    }
+}
