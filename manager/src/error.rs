@@ -20,6 +20,10 @@ pub enum AppError {
     /// 401: no live session (missing, expired or revoked credentials).
     #[error("authentication required")]
     Unauthorized,
+    /// 401 for a machine (agent, server, enrolling agent): a missing, unknown, used, expired or
+    /// revoked bearer credential or token, with a `Bearer` challenge.
+    #[error("{0}")]
+    BadBearer(&'static str),
     /// 401 on login: wrong username or password (one message for both, on purpose).
     #[error("wrong username or password")]
     BadCredentials,
@@ -51,7 +55,9 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized | Self::BadCredentials => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::BadCredentials | Self::BadBearer(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -88,6 +94,12 @@ impl IntoResponse for AppError {
                 response.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Cookie realm=\"mirage-manager\""),
+                );
+            }
+            Self::BadBearer(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"mirage-manager\""),
                 );
             }
             _ => {}

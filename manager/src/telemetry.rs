@@ -18,6 +18,10 @@ pub const HTTP_REQUESTS: &str = "mirage_manager_http_requests_total";
 pub const HTTP_DURATION: &str = "mirage_manager_http_request_duration_seconds";
 /// Login attempts by outcome (`success`, `failure`, `throttled`).
 pub const LOGINS: &str = "mirage_manager_logins_total";
+/// Open agent policy streams on this replica.
+pub const POLICY_STREAMS: &str = "mirage_manager_policy_streams";
+/// Policy events sent to agent streams, by kind (`snapshot`, `delta`).
+pub const POLICY_EVENTS: &str = "mirage_manager_policy_events_total";
 
 /// Installs the process-wide recorder on first call and returns its handle (the `metrics`
 /// facade has one global recorder, so every `AppState` in a process shares it).

@@ -207,6 +207,7 @@ async fn enrollment_tokens_are_single_use() {
     assert_eq!(first.body["credential"].as_str().unwrap().len(), 64);
     let again = s.enroll(&token, "web-2").await;
     assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+    assert!(again.body["error"].as_str().unwrap().contains("used"));
     let garbage = s.enroll("not-a-token", "web-3").await;
     assert_eq!(garbage.status, StatusCode::UNAUTHORIZED);
     // A second agent with the same hostname gets a distinct name.
@@ -861,4 +862,29 @@ async fn the_expiry_sweep_writes_remove_revisions() {
         audit_actions(&s.db.pool).await.last().unwrap(),
         "attacker.expire"
     );
+}
+
+#[tokio::test]
+async fn a_stream_far_behind_gets_every_page_without_waiting() {
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    let total = manager::policy::MAX_DELTAS + 5;
+    sqlx::query(
+        "INSERT INTO policy_revisions (revision, op, net, action) \
+         SELECT n, 'add', ('10.0.0.0'::inet + n)::cidr, 'drop' FROM generate_series(1, $1) n",
+    )
+    .bind(total)
+    .execute(&s.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE policy_head SET revision = $1")
+        .bind(total)
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    let mut stream = SseReader::open(&s.app, &credential, Some(0)).await;
+    for want in 1..=total {
+        let event = stream.next_within(5).await;
+        assert_eq!((event.event.as_str(), event.id), ("delta", want));
+    }
 }

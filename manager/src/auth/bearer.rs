@@ -20,6 +20,10 @@ use crate::{
     error::AppError,
 };
 
+/// The 401 for a missing, unknown or revoked credential.
+const BAD_CREDENTIAL: AppError =
+    AppError::BadBearer("missing, unknown or revoked credential (Authorization: Bearer ...)");
+
 /// The bearer token of a request, if any.
 pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -49,11 +53,11 @@ impl FromRequestParts<AppState> for AgentAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = bearer(parts).ok_or(AppError::Unauthorized)?;
+        let token = bearer(parts).ok_or(BAD_CREDENTIAL)?;
         db::agents::authenticate(&state.db, &token_hash(token))
             .await?
             .map(Self)
-            .ok_or(AppError::Unauthorized)
+            .ok_or(BAD_CREDENTIAL)
     }
 }
 
@@ -76,10 +80,10 @@ impl FromRequestParts<AppState> for ServiceAuth {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let token = bearer(parts).ok_or(AppError::Unauthorized)?;
+        let token = bearer(parts).ok_or(BAD_CREDENTIAL)?;
         db::service_credentials::authenticate(&state.db, &token_hash(token))
             .await?
             .map(Self)
-            .ok_or(AppError::Unauthorized)
+            .ok_or(BAD_CREDENTIAL)
     }
 }

@@ -18,7 +18,10 @@ use axum::{
 };
 use futures_util::Stream;
 use serde::Deserialize;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::{
+    sync::{broadcast::error::RecvError, mpsc},
+    time::MissedTickBehavior,
+};
 
 use crate::{
     AppState,
@@ -26,10 +29,12 @@ use crate::{
     db,
     error::{ApiJson, AppError},
     policy::{self, LoadError, Update},
+    telemetry,
 };
 
 /// Keepalive comment interval; also how often a stream re-checks the database without a wake
-/// (a lost notification costs at most this long) and whether its agent was revoked.
+/// (a lost notification costs at most this long) and whether its agent was revoked (a revoked
+/// agent's open stream ends within this long; its next request is a 401).
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// `GET /api/v1/agent/stream` parameters.
@@ -94,26 +99,34 @@ pub async fn stream(
     let (tx, rx) = mpsc::channel::<Event>(16);
     tracing::info!(agent = %agent.name, since, "Policy stream opened.");
     tokio::spawn(async move {
+        metrics::gauge!(telemetry::POLICY_STREAMS).increment(1.0);
+        // An interval rather than a sleep per wait: under a steady flow of wakes the revocation
+        // check still runs every KEEPALIVE.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut update = first;
         loop {
+            let full_page = matches!(&update, Update::Deltas { deltas, .. } if deltas.len() as i64 == policy::MAX_DELTAS);
             let Some(position) = send(&tx, update).await else {
                 break;
             };
-            // Wait for a wake, a tick, or the client going away.
-            tokio::select! {
-                woke = wake.recv() => {
-                    if let Err(RecvError::Closed) = woke {
-                        break;
+            // A full page means more are waiting: read on without waiting for a wake.
+            if !full_page {
+                tokio::select! {
+                    woke = wake.recv() => {
+                        if let Err(RecvError::Closed) = woke {
+                            break;
+                        }
                     }
-                }
-                () = tokio::time::sleep(KEEPALIVE) => {
-                    match db::agents::is_live(&state.db, agent.id).await {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(err) => tracing::warn!(error = %err, "Agent check failed."),
+                    _ = tick.tick() => {
+                        match db::agents::is_live(&state.db, agent.id).await {
+                            Ok(true) => {}
+                            Ok(false) => break,
+                            Err(err) => tracing::warn!(error = %err, "Agent check failed."),
+                        }
                     }
+                    () = tx.closed() => break,
                 }
-                () = tx.closed() => break,
             }
             update = loop {
                 match policy::load(&state.db, agent.group_id, Some(position)).await {
@@ -125,6 +138,7 @@ pub async fn stream(
                 }
             };
         }
+        metrics::gauge!(telemetry::POLICY_STREAMS).decrement(1.0);
         tracing::info!(agent = %agent.name, "Policy stream closed.");
     });
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -144,6 +158,7 @@ async fn send(tx: &mpsc::Sender<Event>, update: Update) -> Option<i64> {
                 .json_data(&snapshot)
                 .ok()?;
             tx.send(event).await.ok()?;
+            metrics::counter!(telemetry::POLICY_EVENTS, "kind" => "snapshot").increment(1);
             Some(snapshot.revision)
         }
         Update::Deltas { revision, deltas } => {
@@ -155,6 +170,8 @@ async fn send(tx: &mpsc::Sender<Event>, update: Update) -> Option<i64> {
                     .ok()?;
                 tx.send(event).await.ok()?;
             }
+            metrics::counter!(telemetry::POLICY_EVENTS, "kind" => "delta")
+                .increment(deltas.len() as u64);
             Some(revision)
         }
     }

@@ -147,7 +147,9 @@ pub async fn enroll(
     let (token_id, group_id) =
         db::agents::consume_enrollment_token(&mut *tx, &token_hash(&body.token))
             .await?
-            .ok_or(AppError::Unauthorized)?;
+            .ok_or(AppError::BadBearer(
+                "unknown, used or expired enrollment token",
+            ))?;
     // The name is the hostname unless another agent has it; then the hostname and the token id
     // (unique) tell them apart.
     let name = if db::agents::name_taken(&mut *tx, hostname).await? {
@@ -259,6 +261,6 @@ pub async fn heartbeat(
         body.applied_revision,
     )
     .await?
-    .ok_or(AppError::Unauthorized)?;
+    .ok_or(AppError::BadBearer("revoked credential"))?;
     Ok(Json(agent))
 }
