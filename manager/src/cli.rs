@@ -132,11 +132,15 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
     let sweeper = tokio::spawn(sweep(pool.clone()));
     let expiry = tokio::spawn(policy::expiry::run(pool.clone(), EXPIRY_SWEEP));
     let state = AppState::new(pool, config.clone());
+    let bus = state.bus.clone();
     let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        bus.close();
+    })
     .await
     .context("serving HTTP");
     sweeper.abort();
@@ -152,7 +156,8 @@ fn print_once(text: &str) {
     let _ = stderr.flush();
 }
 
-/// Deletes expired sessions and old login attempts every minute.
+/// Deletes expired sessions, old login attempts and unused enrollment tokens a day past their
+/// expiry every minute.
 async fn sweep(pool: sqlx::PgPool) {
     const KEEP_ATTEMPTS: Duration = Duration::from_secs(30 * 24 * 3600);
     let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -163,6 +168,9 @@ async fn sweep(pool: sqlx::PgPool) {
         }
         if let Err(err) = db::login_attempts::delete_older_than(&pool, KEEP_ATTEMPTS).await {
             warn!(error = %err, "Sweeping old login attempts failed.");
+        }
+        if let Err(err) = db::agents::delete_stale_enrollment_tokens(&pool).await {
+            warn!(error = %err, "Sweeping stale enrollment tokens failed.");
         }
     }
 }

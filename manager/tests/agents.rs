@@ -263,6 +263,15 @@ async fn expired_enrollment_tokens_are_refused() {
         .post(&s.view, "/api/v1/enrollment-tokens", json!({}))
         .await;
     assert_eq!(viewer.status, StatusCode::FORBIDDEN);
+    // Swept a day after expiry.
+    let swept = db::agents::delete_stale_enrollment_tokens(&s.db.pool).await;
+    assert_eq!(swept.unwrap(), 0);
+    sqlx::query("UPDATE enrollment_tokens SET expires_at = now() - interval '2 days'")
+        .execute(&s.db.pool)
+        .await
+        .unwrap();
+    let swept = db::agents::delete_stale_enrollment_tokens(&s.db.pool).await;
+    assert_eq!(swept.unwrap(), 1);
 }
 
 #[tokio::test]

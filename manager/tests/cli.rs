@@ -1,6 +1,7 @@
 //! The `mirage-manager` binary: `create-admin` against a test database, and `serve` end to end
 //! with its own embedded cluster (first start with a printed admin password, login over real
-//! HTTP, clean stop on SIGTERM, recovery after being killed).
+//! HTTP, clean stop on SIGTERM (also with an agent policy stream open), recovery after being
+//! killed).
 
 #![allow(
     clippy::unwrap_used,
@@ -181,12 +182,23 @@ fn http(
     path: &str,
     json: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    http_with(addr, method, path, "", json).map(|(status, _, body)| (status, body))
+}
+
+/// Like [`http`], with extra header lines (each ending in `\r\n`): (status, head, body).
+fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = json.unwrap_or("");
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
@@ -197,11 +209,11 @@ fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = reply
+    let (head, body) = reply
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
         .unwrap_or_default();
-    Ok((status, body))
+    Ok((status, head, body))
 }
 
 fn free_port() -> SocketAddr {
@@ -294,4 +306,97 @@ fn serve_owns_its_cluster_from_first_start_to_sigterm() {
     assert_eq!(status, 200);
     assert!(server.signal(libc::SIGINT).success());
     assert!(postmaster_pid(&data_dir).is_none());
+}
+
+/// A string field of a JSON body.
+fn json_field(body: &str, key: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(body).unwrap();
+    value[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {body}"))
+        .to_owned()
+}
+
+#[test]
+fn serve_ends_open_policy_streams_at_sigterm() {
+    let dir = temp_dir();
+    let addr = free_port();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "listen = \"{addr}\"\ndata_dir = \"{}\"\ncookie_secure = false\n",
+            dir.path().join("data").display()
+        ),
+    );
+    let mut server = Server::start(&config);
+    server.wait_healthy(addr);
+    let stderr = server.stderr();
+    let password = stderr
+        .lines()
+        .skip_while(|l| !l.contains("with password:"))
+        .find_map(|l| l.strip_prefix("    "))
+        .unwrap()
+        .to_owned();
+    let login = format!("{{\"username\":\"admin\",\"password\":\"{password}\"}}");
+    let (status, head, body) = http_with(addr, "POST", "/api/v1/login", "", Some(&login)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let csrf = json_field(&body, "csrf_token");
+    let auth = format!("Cookie: {cookie}\r\nX-CSRF-Token: {csrf}\r\n");
+    let (status, _, body) =
+        http_with(addr, "POST", "/api/v1/enrollment-tokens", &auth, Some("{}")).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let enroll = format!(
+        "{{\"token\":\"{}\",\"hostname\":\"web-1\"}}",
+        json_field(&body, "token")
+    );
+    let (status, _, body) =
+        http_with(addr, "POST", "/api/v1/agent/enroll", "", Some(&enroll)).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let credential = json_field(&body, "credential");
+
+    // An agent holds its stream open...
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /api/v1/agent/stream HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {credential}\r\n\r\n"
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("event: snapshot") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+
+    // ...and SIGTERM still stops the manager promptly, ending the stream.
+    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
+    // SAFETY: kill has no memory effects; the pid is our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the manager did not stop with a stream open:\n{}",
+            server.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit}:\n{}", server.stderr());
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
 }

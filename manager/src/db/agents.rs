@@ -100,6 +100,18 @@ pub async fn consume_enrollment_token(
     .await
 }
 
+/// Deletes unused tokens that expired more than a day ago (through the partial index on
+/// `expires_at`); used ones stay as the record of which token enrolled which agent.
+pub async fn delete_stale_enrollment_tokens(ex: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM enrollment_tokens \
+         WHERE used_at IS NULL AND expires_at < now() - interval '1 day'",
+    )
+    .execute(ex)
+    .await
+    .map(|r| r.rows_affected())
+}
+
 /// Records which agent a token enrolled.
 pub async fn set_token_agent(
     ex: impl PgExecutor<'_>,

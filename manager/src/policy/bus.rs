@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use sqlx::{PgPool, postgres::PgListener};
-use tokio::sync::{OnceCell, broadcast};
+use tokio::sync::{OnceCell, broadcast, watch};
 
 use crate::db::policy_revisions::CHANNEL;
 
@@ -25,6 +25,8 @@ struct Inner {
     pool: PgPool,
     tx: broadcast::Sender<i64>,
     listening: OnceCell<()>,
+    /// Set at shutdown: streams end, so that graceful shutdown is not held open by them.
+    closed: watch::Sender<bool>,
 }
 
 impl PolicyBus {
@@ -36,6 +38,7 @@ impl PolicyBus {
                 pool,
                 tx,
                 listening: OnceCell::new(),
+                closed: watch::Sender::new(false),
             }),
         }
     }
@@ -56,6 +59,18 @@ impl PolicyBus {
             })
             .await?;
         Ok(rx)
+    }
+
+    /// Ends every stream (at shutdown: an open event stream would otherwise hold the graceful
+    /// shutdown forever). Agents reconnect, to another replica or after the restart, and resume.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    /// Resolves once [`PolicyBus::close`] was called.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
     }
 
     /// Wakes this manager's streams (tests, and after local changes made without NOTIFY).

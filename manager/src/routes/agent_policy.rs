@@ -126,6 +126,7 @@ pub async fn stream(
                         }
                     }
                     () = tx.closed() => break,
+                    () = state.bus.closed() => break,
                 }
             }
             update = loop {
