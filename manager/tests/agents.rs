@@ -295,12 +295,22 @@ async fn revoked_agents_get_401() {
             .status,
         StatusCode::FORBIDDEN
     );
+    let mut stream = SseReader::open(&s.app, &credential, None).await;
+    assert_eq!(stream.next().await.event, "snapshot");
     assert_eq!(
         s.delete(&s.oper, &format!("/api/v1/agents/{id}"))
             .await
             .status,
         StatusCode::NO_CONTENT
     );
+    // The open stream ends at once (not at the next 15 s check).
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Some(frame) = stream.body.frame().await {
+            frame.unwrap();
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the revoked agent's stream is still open");
     assert_eq!(
         s.heartbeat(&credential).await.status,
         StatusCode::UNAUTHORIZED

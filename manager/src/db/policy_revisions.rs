@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::{PgExecutor, Row as _, postgres::PgRow};
 use time::OffsetDateTime;
 
-/// The LISTEN/NOTIFY channel; the payload is the revision.
+/// The LISTEN/NOTIFY channel; the payload is the revision, or `revoke:<agent id>`.
 pub const CHANNEL: &str = "mirage_policy";
 
 /// One change, as agents receive it.
@@ -100,6 +100,16 @@ pub async fn notify(ex: impl PgExecutor<'_>, revision: i64) -> Result<(), sqlx::
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
         .bind(revision.to_string())
+        .execute(ex)
+        .await
+        .map(drop)
+}
+
+/// Queues `NOTIFY mirage_policy, 'revoke:<agent id>'`: the agent's open streams end.
+pub async fn notify_revoked(ex: impl PgExecutor<'_>, agent_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(format!("revoke:{agent_id}"))
         .execute(ex)
         .await
         .map(drop)

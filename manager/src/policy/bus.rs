@@ -14,6 +14,27 @@ use crate::db::policy_revisions::CHANNEL;
 /// Wake-ups buffered per stream; a stream further behind sees `Lagged` and simply re-reads.
 const CAPACITY: usize = 64;
 
+/// What a notification says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A revision was committed: re-read from your position.
+    Revision(i64),
+    /// An agent was revoked: its streams end (payload `revoke:<id>`).
+    Revoked(i64),
+    /// Notifications may have been lost (the LISTEN connection was re-established): re-read.
+    Resync,
+}
+
+impl Wake {
+    /// Parses a `mirage_policy` payload; anything unknown is a resync (harmless: a re-read).
+    pub fn parse(payload: &str) -> Self {
+        if let Some(id) = payload.strip_prefix("revoke:") {
+            return id.parse().map_or(Self::Resync, Self::Revoked);
+        }
+        payload.parse().map_or(Self::Resync, Self::Revision)
+    }
+}
+
 /// The fan-out of policy notifications.
 #[derive(Debug, Clone)]
 pub struct PolicyBus {
@@ -23,7 +44,7 @@ pub struct PolicyBus {
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
-    tx: broadcast::Sender<i64>,
+    tx: broadcast::Sender<Wake>,
     listening: OnceCell<()>,
     /// Set at shutdown: streams end, so that graceful shutdown is not held open by them.
     closed: watch::Sender<bool>,
@@ -43,11 +64,10 @@ impl PolicyBus {
         }
     }
 
-    /// A receiver of wake-ups (the revision notified; 0 after a reconnect of the LISTEN
-    /// connection, when notifications may have been lost). When this returns, the LISTEN is in
+    /// A receiver of wake-ups. When this returns, the LISTEN is in
     /// place: anything committed afterwards wakes the receiver, so a caller that subscribes
     /// before reading the database misses nothing.
-    pub async fn subscribe(&self) -> Result<broadcast::Receiver<i64>, sqlx::Error> {
+    pub async fn subscribe(&self) -> Result<broadcast::Receiver<Wake>, sqlx::Error> {
         let rx = self.inner.tx.subscribe();
         self.inner
             .listening
@@ -74,29 +94,41 @@ impl PolicyBus {
     }
 
     /// Wakes this manager's streams (tests, and after local changes made without NOTIFY).
-    pub fn wake(&self, revision: i64) {
-        let _ = self.inner.tx.send(revision);
+    pub fn wake(&self, wake: Wake) {
+        let _ = self.inner.tx.send(wake);
     }
 }
 
 /// Forwards notifications until the process ends. sqlx reconnects a lost connection and
 /// re-issues the LISTEN; notifications sent meanwhile are lost, so streams are woken to re-read.
-async fn relay(mut listener: PgListener, tx: broadcast::Sender<i64>) {
+async fn relay(mut listener: PgListener, tx: broadcast::Sender<Wake>) {
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
-                let revision = notification.payload().parse().unwrap_or(0);
-                let _ = tx.send(revision);
+                let _ = tx.send(Wake::parse(notification.payload()));
             }
             Ok(None) => {
                 tracing::warn!("The LISTEN connection was lost and re-established.");
-                let _ = tx.send(0);
+                let _ = tx.send(Wake::Resync);
             }
             Err(err) => {
                 tracing::warn!(error = %err, "LISTEN failed; retrying in 1 s.");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = tx.send(0);
+                let _ = tx.send(Wake::Resync);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_payloads() {
+        assert_eq!(Wake::parse("42"), Wake::Revision(42));
+        assert_eq!(Wake::parse("revoke:7"), Wake::Revoked(7));
+        assert_eq!(Wake::parse("revoke:x"), Wake::Resync);
+        assert_eq!(Wake::parse(""), Wake::Resync);
     }
 }

@@ -28,13 +28,14 @@ use crate::{
     auth::AgentAuth,
     db,
     error::{ApiJson, AppError},
-    policy::{self, LoadError, Update},
+    policy::{self, LoadError, Update, bus::Wake},
     telemetry,
 };
 
 /// Keepalive comment interval; also how often a stream re-checks the database without a wake
-/// (a lost notification costs at most this long) and whether its agent was revoked (a revoked
-/// agent's open stream ends within this long; its next request is a 401).
+/// (a lost notification costs at most this long) and whether its agent was revoked (revocation
+/// also notifies `revoke:<id>`, which ends the agent's streams on every replica at once; this
+/// check covers a lost notification).
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// `GET /api/v1/agent/stream` parameters.
@@ -113,11 +114,11 @@ pub async fn stream(
             // A full page means more are waiting: read on without waiting for a wake.
             if !full_page {
                 tokio::select! {
-                    woke = wake.recv() => {
-                        if let Err(RecvError::Closed) = woke {
-                            break;
-                        }
-                    }
+                    woke = wake.recv() => match woke {
+                        Ok(Wake::Revoked(id)) if id == agent.id => break,
+                        Err(RecvError::Closed) => break,
+                        _ => {}
+                    },
                     _ = tick.tick() => {
                         match db::agents::is_live(&state.db, agent.id).await {
                             Ok(true) => {}

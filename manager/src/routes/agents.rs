@@ -204,7 +204,7 @@ pub async fn list(
     Ok(Json(db::agents::list(&state.db).await?))
 }
 
-/// Revokes an agent: its credential fails from its next call on.
+/// Revokes an agent: its credential fails from its next call on, and its open streams end.
 pub async fn revoke(
     State(state): State<AppState>,
     user: RequireRole<Operator>,
@@ -222,6 +222,7 @@ pub async fn revoke(
         serde_json::json!({ "id": id }),
     )
     .await?;
+    db::policy_revisions::notify_revoked(&mut *tx, id).await?;
     tx.commit().await?;
     tracing::info!(agent = %agent.name, by = %user.user.username, "Agent revoked.");
     Ok(StatusCode::NO_CONTENT)
