@@ -651,6 +651,22 @@ async fn polling_agents_get_a_snapshot_then_deltas() {
         current.body,
         json!({ "kind": "deltas", "revision": 2, "deltas": [] })
     );
+    // Blocking the same network again changes the entry (same id) under a new revision.
+    let again = s
+        .post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": "198.51.100.1", "action": "redirect" }),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(again.body["revision"], 3);
+    assert_eq!(again.body["action"], "redirect");
+    let listed = s.get(&s.view, "/api/v1/attackers?q=198.51.100.1").await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 1);
+    assert_eq!(listed.body[0]["id"], again.body["id"]);
+    let changed = poll(Some(2)).await;
+    assert_eq!(changed.body["deltas"][0]["action"], "redirect");
     // Ahead of the head (another database?) or pruned from the log: a snapshot.
     assert_eq!(poll(Some(99)).await.body["kind"], "snapshot");
     sqlx::query("DELETE FROM policy_revisions WHERE revision = 1")
@@ -659,6 +675,7 @@ async fn polling_agents_get_a_snapshot_then_deltas() {
         .unwrap();
     assert_eq!(poll(Some(0)).await.body["kind"], "snapshot");
     assert_eq!(poll(Some(1)).await.body["kind"], "deltas");
+    assert_eq!(poll(Some(1)).await.body["revision"], 3);
 }
 
 /// One server-sent event.
