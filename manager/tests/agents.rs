@@ -10,9 +10,12 @@
 use axum::{
     Router,
     body::Body,
-    http::{Method, Request, StatusCode, header},
+    http::{Method, StatusCode, header},
 };
 use http_body_util::BodyExt as _;
+mod common;
+
+use common::{Login, PASSWORD, Reply, bearer, call, request};
 use manager::{
     app,
     auth::{Role, password},
@@ -22,62 +25,6 @@ use manager::{
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
-
-const PASSWORD: &str = "a long enough password";
-
-struct Reply {
-    status: StatusCode,
-    body: Value,
-}
-
-async fn call(app: &Router, req: Request<Body>) -> Reply {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    Reply { status, body }
-}
-
-fn request(method: Method, uri: &str, body: Option<&Value>) -> Request<Body> {
-    let builder = Request::builder().method(method).uri(uri);
-    match body {
-        Some(body) => builder
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap(),
-        None => builder.body(Body::empty()).unwrap(),
-    }
-}
-
-fn bearer(mut req: Request<Body>, credential: &str) -> Request<Body> {
-    req.headers_mut().insert(
-        header::AUTHORIZATION,
-        format!("Bearer {credential}").parse().unwrap(),
-    );
-    req
-}
-
-/// A logged-in client: its cookie and CSRF token.
-#[derive(Clone)]
-struct Login {
-    cookie: String,
-    csrf: String,
-}
-
-impl Login {
-    /// `req` with the session cookie and the CSRF header.
-    fn sign(&self, mut req: Request<Body>) -> Request<Body> {
-        let headers = req.headers_mut();
-        headers.insert(header::COOKIE, self.cookie.parse().unwrap());
-        headers.insert("x-csrf-token", self.csrf.parse().unwrap());
-        req
-    }
-}
 
 async fn login(app: &Router, username: &str) -> Login {
     let req = request(

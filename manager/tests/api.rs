@@ -13,9 +13,11 @@ use axum::{
     Router,
     body::Body,
     extract::ConnectInfo,
-    http::{HeaderMap, Method, Request, StatusCode, header},
+    http::{Method, Request, StatusCode, header},
 };
-use http_body_util::BodyExt as _;
+mod common;
+
+use common::{Login, PASSWORD, Reply, call, request};
 use manager::{
     app,
     auth::{Role, password},
@@ -24,44 +26,6 @@ use manager::{
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tower::ServiceExt as _;
-
-const PASSWORD: &str = "a long enough password";
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-}
-
-async fn call(app: &Router, req: Request<Body>) -> Reply {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn request(method: Method, uri: &str, body: Option<&Value>) -> Request<Body> {
-    let builder = Request::builder().method(method).uri(uri);
-    match body {
-        Some(body) => builder
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap(),
-        None => builder.body(Body::empty()).unwrap(),
-    }
-}
 
 /// A request as it comes from `peer` through the real listener.
 fn from_peer(mut req: Request<Body>, peer: &str) -> Request<Body> {
@@ -78,22 +42,7 @@ fn login_request(username: &str, password: &str) -> Request<Body> {
     )
 }
 
-/// A logged-in client: its cookie and CSRF token.
-#[derive(Clone)]
-struct Login {
-    cookie: String,
-    csrf: String,
-}
-
 impl Login {
-    /// `req` with the session cookie and the CSRF header.
-    fn sign(&self, mut req: Request<Body>) -> Request<Body> {
-        let headers = req.headers_mut();
-        headers.insert(header::COOKIE, self.cookie.parse().unwrap());
-        headers.insert("x-csrf-token", self.csrf.parse().unwrap());
-        req
-    }
-
     /// `req` with the cookie only.
     fn cookie_only(&self, mut req: Request<Body>) -> Request<Body> {
         req.headers_mut()

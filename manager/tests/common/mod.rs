@@ -1,0 +1,84 @@
+//! HTTP helpers shared by the manager's integration test binaries: build a request, send it
+//! through `app(state).oneshot`, read the reply as JSON, sign it as a logged-in user or an agent.
+
+#![allow(
+    dead_code,
+    reason = "shared by several test binaries, each uses a part"
+)]
+
+use axum::{
+    Router,
+    body::Body,
+    http::{HeaderMap, Method, Request, StatusCode, header},
+};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+/// A password that passes the manager's length rule.
+pub const PASSWORD: &str = "a long enough password";
+
+/// A reply: status, headers and the body as JSON (a JSON string if it was not JSON, null if
+/// empty).
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// Sends `req` through the router.
+pub async fn call(app: &Router, req: Request<Body>) -> Reply {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A request with an optional JSON body.
+pub fn request(method: Method, uri: &str, body: Option<&Value>) -> Request<Body> {
+    let builder = Request::builder().method(method).uri(uri);
+    match body {
+        Some(body) => builder
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+        None => builder.body(Body::empty()).unwrap(),
+    }
+}
+
+/// `req` with an agent's or a server's bearer credential.
+pub fn bearer(mut req: Request<Body>, credential: &str) -> Request<Body> {
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {credential}").parse().unwrap(),
+    );
+    req
+}
+
+/// A logged-in client: its cookie and CSRF token.
+#[derive(Clone)]
+pub struct Login {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+impl Login {
+    /// `req` with the session cookie and the CSRF header.
+    pub fn sign(&self, mut req: Request<Body>) -> Request<Body> {
+        let headers = req.headers_mut();
+        headers.insert(header::COOKIE, self.cookie.parse().unwrap());
+        headers.insert("x-csrf-token", self.csrf.parse().unwrap());
+        req
+    }
+}
