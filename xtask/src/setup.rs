@@ -16,6 +16,7 @@ const LLVM_MAJOR: u32 = 22;
 /// PostgreSQL 15 (`initdb`, `pg_ctl`, `postgres` under `/usr/lib/postgresql/15/bin`), which the
 /// manager runs as its embedded cluster and its tests start themselves. The package's own
 /// `main` cluster, if one runs, is not used: ours listen only in their own socket directories.
+/// `chromium` and `chromium-driver` run the manager's web UI tests (WebDriver, headless).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -28,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "procps",
     "postgresql-15",
+    "chromium",
+    "chromium-driver",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
