@@ -2,7 +2,6 @@
 
 use std::{
     io::{self, BufRead as _, Write as _},
-    net::SocketAddr,
     path::PathBuf,
     time::Duration,
 };
@@ -125,19 +124,18 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
             user.username, user.username
         ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let tls = match &config.tls {
+        Some(tls) => Some(crate::tls::load(tls).context("loading the [tls] certificate and key")?),
+        None => None,
+    };
+    let listener = std::net::TcpListener::bind(config.listen)
         .with_context(|| format!("listening on {}", config.listen))?;
-    info!(listen = %config.listen, "Serving.");
+    info!(listen = %config.listen, tls = tls.is_some(), "Serving.");
     let sweeper = tokio::spawn(sweep(pool.clone()));
     let expiry = tokio::spawn(policy::expiry::run(pool.clone(), EXPIRY_SWEEP));
     let state = AppState::new(pool, config.clone());
     let bus = state.bus.clone();
-    let served = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let served = crate::tls::serve(listener, tls, app(state), async move {
         shutdown_signal().await;
         bus.close();
     })

@@ -60,10 +60,13 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagerConfig {
-    /// Address and port of the HTTP API and web UI. This build speaks plain HTTP, so it must be a
-    /// loopback address: TLS termination is a later addition (until then, put a TLS reverse proxy
-    /// in front). Default `127.0.0.1:8443`.
+    /// Address and port of the HTTP API and web UI. Without `[tls]` the manager speaks plain
+    /// HTTP and this must be a loopback address (or put a TLS reverse proxy in front); with
+    /// `[tls]` it may be any address. Default `127.0.0.1:8443`.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate and key (PEM). Required to listen on anything but
+    /// loopback. Default: unset (plain HTTP on loopback).
+    pub tls: Option<TlsConfig>,
     /// Directory the manager owns. With no `database_url` the embedded PostgreSQL cluster lives
     /// in `data_dir/postgres` (created on first start). Default `/var/lib/mirage-manager`.
     pub data_dir: PathBuf,
@@ -87,6 +90,16 @@ pub struct ManagerConfig {
     pub login_throttle: LoginThrottleConfig,
 }
 
+/// The listener's certificate chain and private key, PEM files read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first (`fullchain.pem`).
+    pub cert: PathBuf,
+    /// Private key of the leaf (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// Login throttling: after `max_failures` failed logins for one username, or from one client
 /// address, within `window`, further attempts get `429 Too Many Requests` with `Retry-After` until
 /// the oldest of those failures leaves the window. Refused attempts are not counted, so an attacker
@@ -105,6 +118,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN,
+            tls: None,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             database_url: None,
             postgres_bin_dir: PathBuf::from(DEFAULT_POSTGRES_BIN_DIR),
@@ -147,16 +161,26 @@ impl ManagerConfig {
 
     /// Checks what the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
             return Err(value(
                 "listen",
                 format!(
-                    "{} is not a loopback address: this build serves plain HTTP, so session \
-                     cookies and passwords would cross the network in clear; listen on 127.0.0.1 \
-                     or [::1] behind a TLS reverse proxy",
+                    "{} is not a loopback address and `[tls]` is not set: session cookies, \
+                     passwords and agent credentials would cross the network in clear; set \
+                     `[tls] cert`/`key`, or listen on 127.0.0.1 or [::1] behind a TLS reverse proxy",
                     self.listen
                 ),
             ));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !path.is_absolute() {
+                    return Err(value(
+                        key,
+                        format!("{} must be an absolute path", path.display()),
+                    ));
+                }
+            }
         }
         if !self.data_dir.is_absolute() {
             return Err(value(
@@ -261,6 +285,11 @@ mod tests {
         assert_eq!(config.session_ttl, Duration::from_secs(7200));
         assert_eq!(config.login_throttle.max_failures, 3);
         assert_eq!(config.login_throttle.window, Duration::from_secs(300));
+        let tls: ManagerConfig =
+            "listen = \"0.0.0.0:8443\"\n[tls]\ncert = \"/etc/m/c.pem\"\nkey = \"/etc/m/k.pem\""
+                .parse()
+                .unwrap();
+        assert_eq!(tls.tls.unwrap().key, Path::new("/etc/m/k.pem"));
     }
 
     #[test]
@@ -268,6 +297,8 @@ mod tests {
         for (text, needle) in [
             ("listn = \"127.0.0.1:1\"", "unknown field"),
             ("listen = \"0.0.0.0:8443\"", "not a loopback"),
+            ("[tls]\ncert = \"c.pem\"\nkey = \"/k.pem\"", "absolute"),
+            ("[tls]\ncert = \"/c.pem\"", "missing field `key`"),
             ("data_dir = \"relative\"", "absolute"),
             ("database_url = \"mysql://x\"", "postgres://"),
             ("session_ttl = \"5s\"", "outside"),

@@ -19,6 +19,7 @@ pub mod routes;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+pub mod tls;
 
 use std::sync::Arc;
 
