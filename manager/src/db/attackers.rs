@@ -178,19 +178,18 @@ pub async fn lock_expired(
     .collect()
 }
 
-/// Every live entry an agent of `group_id` enforces (its group's and every group's).
-pub async fn live_for_group(
+/// The live entries of a group (and of every group) as `(net, action, expires_at)`, in id
+/// order: only what a snapshot carries, so a million-entry snapshot reads and decodes three
+/// columns instead of fourteen.
+pub async fn live_entries_for_group(
     ex: impl PgExecutor<'_>,
     group_id: i64,
-) -> Result<Vec<Attacker>, sqlx::Error> {
-    sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM attackers WHERE (group_id IS NULL OR group_id = $1) \
-         AND (expires_at IS NULL OR expires_at > now()) ORDER BY id"
-    ))
+) -> Result<Vec<(IpNet, String, Option<OffsetDateTime>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT net, action, expires_at FROM attackers WHERE (group_id IS NULL OR group_id = $1) \
+         AND (expires_at IS NULL OR expires_at > now()) ORDER BY id",
+    )
     .bind(group_id)
     .fetch_all(ex)
-    .await?
-    .iter()
-    .map(Attacker::from_row)
-    .collect()
+    .await
 }

@@ -120,13 +120,13 @@ pub async fn load(pool: &PgPool, group_id: i64, since: Option<i64>) -> Result<Up
     let policy = db::policies::get(&mut *tx, group_id)
         .await?
         .ok_or(LoadError::NoPolicy(group_id))?;
-    let attackers = db::attackers::live_for_group(&mut *tx, group_id)
+    let attackers = db::attackers::live_entries_for_group(&mut *tx, group_id)
         .await?
         .into_iter()
-        .map(|a| Entry {
-            net: a.net,
-            action: a.action,
-            expires_at: a.expires_at,
+        .map(|(net, action, expires_at)| Entry {
+            net,
+            action,
+            expires_at,
         })
         .collect();
     tx.commit().await?;
