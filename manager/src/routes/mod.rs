@@ -9,6 +9,7 @@ pub mod audit_log;
 pub mod auth;
 pub mod health;
 pub mod service_credentials;
+pub mod ui;
 pub mod users;
 
 use axum::{
@@ -21,6 +22,8 @@ use crate::AppState;
 /// Every route.
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
         .route("/api/v1/login", post(auth::login))
