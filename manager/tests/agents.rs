@@ -768,6 +768,35 @@ async fn streams_a_snapshot_then_deltas_and_resumes() {
 }
 
 #[tokio::test]
+async fn many_streams_at_one_position_all_get_every_delta() {
+    // The streams share their re-reads (policy::shared): each must still get every revision,
+    // in order, including changes that land while a shared read is in flight.
+    let s = setup().await;
+    let (_, credential) = s.agent("web-1").await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut stream = SseReader::open(&s.app, &credential, None).await;
+        assert_eq!(stream.next().await.event, "snapshot");
+        streams.push(stream);
+    }
+    for i in 1..=5 {
+        s.post(
+            &s.oper,
+            "/api/v1/attackers",
+            json!({ "net": format!("198.51.100.{i}") }),
+        )
+        .await;
+    }
+    for stream in &mut streams {
+        for revision in 1..=5 {
+            let delta = stream.next_within(5).await;
+            assert_eq!((delta.event.as_str(), delta.id), ("delta", revision));
+            assert_eq!(delta.data["net"], format!("198.51.100.{revision}/32"));
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_change_on_one_replica_reaches_a_stream_on_another() {
     let s = setup().await;
     let (_, credential) = s.agent("web-1").await;

@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::{OnceCell, broadcast, watch};
 
+use super::shared::{Shared, SharedLoads};
 use crate::db::policy_revisions::CHANNEL;
 
 /// Wake-ups buffered per stream; a stream further behind sees `Lagged` and simply re-reads.
@@ -48,6 +49,8 @@ struct Inner {
     listening: OnceCell<()>,
     /// Set at shutdown: streams end, so that graceful shutdown is not held open by them.
     closed: watch::Sender<bool>,
+    /// The re-reads wake-ups cause, shared between streams.
+    loads: SharedLoads,
 }
 
 impl PolicyBus {
@@ -60,6 +63,7 @@ impl PolicyBus {
                 tx,
                 listening: OnceCell::new(),
                 closed: watch::Sender::new(false),
+                loads: SharedLoads::default(),
             }),
         }
     }
@@ -91,6 +95,21 @@ impl PolicyBus {
     pub async fn closed(&self) {
         let mut rx = self.inner.closed.subscribe();
         let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// What an agent of `group_id` at `since` needs, read after `woke` (the moment the caller
+    /// was woken), shared with the other streams woken by the same change
+    /// ([`SharedLoads`]).
+    pub async fn load(
+        &self,
+        group_id: i64,
+        since: Option<i64>,
+        woke: tokio::time::Instant,
+    ) -> Shared {
+        self.inner
+            .loads
+            .load(&self.inner.pool, group_id, since, woke)
+            .await
     }
 
     /// Wakes this manager's streams (tests, and after local changes made without NOTIFY).

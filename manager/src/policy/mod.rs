@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod expiry;
 pub mod net;
+pub mod shared;
 
 use ipnet::IpNet;
 use serde::Serialize;

@@ -105,10 +105,10 @@ pub async fn stream(
         // check still runs every KEEPALIVE.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut update = first;
+        let mut update = std::sync::Arc::new(first);
         loop {
-            let full_page = matches!(&update, Update::Deltas { deltas, .. } if deltas.len() as i64 == policy::MAX_DELTAS);
-            let Some(position) = send(&tx, update).await else {
+            let full_page = matches!(&*update, Update::Deltas { deltas, .. } if deltas.len() as i64 == policy::MAX_DELTAS);
+            let Some(position) = send(&tx, &update).await else {
                 break;
             };
             // A full page means more are waiting: read on without waiting for a wake.
@@ -130,8 +130,10 @@ pub async fn stream(
                     () = state.bus.closed() => break,
                 }
             }
+            // Woken (or paging on): any read that starts from now on sees what woke us.
+            let woke = tokio::time::Instant::now();
             update = loop {
-                match policy::load(&state.db, agent.group_id, Some(position)).await {
+                match state.bus.load(agent.group_id, Some(position), woke).await {
                     Ok(update) => break update,
                     Err(err) => {
                         tracing::warn!(agent = %agent.name, error = %err, "Loading policy deltas failed; retrying.");
@@ -151,20 +153,20 @@ pub async fn stream(
 
 /// Sends an update as events; returns the revision the stream is now at, or `None` once the
 /// client is gone.
-async fn send(tx: &mpsc::Sender<Event>, update: Update) -> Option<i64> {
+async fn send(tx: &mpsc::Sender<Event>, update: &Update) -> Option<i64> {
     match update {
         Update::Snapshot(snapshot) => {
             let event = Event::default()
                 .event("snapshot")
                 .id(snapshot.revision.to_string())
-                .json_data(&snapshot)
+                .json_data(snapshot)
                 .ok()?;
             tx.send(event).await.ok()?;
             metrics::counter!(telemetry::POLICY_EVENTS, "kind" => "snapshot").increment(1);
             Some(snapshot.revision)
         }
         Update::Deltas { revision, deltas } => {
-            for delta in &deltas {
+            for delta in deltas {
                 let event = Event::default()
                     .event("delta")
                     .id(delta.revision.to_string())
@@ -174,7 +176,7 @@ async fn send(tx: &mpsc::Sender<Event>, update: Update) -> Option<i64> {
             }
             metrics::counter!(telemetry::POLICY_EVENTS, "kind" => "delta")
                 .increment(deltas.len() as u64);
-            Some(revision)
+            Some(*revision)
         }
     }
 }
