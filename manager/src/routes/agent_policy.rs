@@ -94,9 +94,13 @@ pub async fn stream(
     let since = last_event_id.or(params.since);
     let mut wake = state.bus.subscribe().await?;
     // The first answer is loaded here, so a database failure is a 5xx rather than an empty stream.
-    let first = policy::load(&state.db, agent.group_id, since)
+    // Through the shared reads too: after a restart, every agent reconnects at once and most
+    // ask for the same thing. Any read that starts after the subscription sees what it may miss.
+    let first = state
+        .bus
+        .load(agent.group_id, since, tokio::time::Instant::now())
         .await
-        .map_err(load_error)?;
+        .map_err(AppError::internal)?;
     let (tx, rx) = mpsc::channel::<Event>(16);
     tracing::info!(agent = %agent.name, since, "Policy stream opened.");
     tokio::spawn(async move {
@@ -105,7 +109,7 @@ pub async fn stream(
         // check still runs every KEEPALIVE.
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut update = std::sync::Arc::new(first);
+        let mut update = first;
         loop {
             let full_page = matches!(&*update, Update::Deltas { deltas, .. } if deltas.len() as i64 == policy::MAX_DELTAS);
             let Some(position) = send(&tx, &update).await else {
