@@ -6,6 +6,7 @@ pub mod agents;
 pub mod attackers;
 pub mod audit_log;
 pub mod embedded;
+pub mod groups;
 pub mod login_attempts;
 pub mod migrate;
 pub mod policies;

@@ -113,3 +113,105 @@ pub async fn allowlist_overlap(
     .fetch_optional(ex)
     .await
 }
+
+/// A whole policy as the editor writes it (validated and canonical, see
+/// [`crate::policy::validate`]).
+#[derive(Debug, Clone)]
+pub struct NewPolicy<'a> {
+    /// The mode.
+    pub mode: &'a str,
+    /// The redirect model.
+    pub redirect_model: &'a str,
+    /// The allowlist.
+    pub allowlist: &'a [IpNet],
+    /// Honeypot ports.
+    pub allowlisted_ports: &'a [String],
+    /// Sandbox targets (a JSON array).
+    pub sandbox_targets: &'a serde_json::Value,
+    /// NAT settings (a JSON object).
+    pub nat: &'a serde_json::Value,
+    /// TTL of automatic entries.
+    pub default_ttl_secs: Option<i64>,
+    /// Action of automatic entries.
+    pub default_action: &'a str,
+}
+
+/// Replaces a group's policy, stamping `revision`.
+pub async fn replace(
+    ex: impl PgExecutor<'_>,
+    group_id: i64,
+    new: &NewPolicy<'_>,
+    revision: i64,
+    user_id: Option<i64>,
+) -> Result<Policy, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "UPDATE policies SET mode = $2, redirect_model = $3, allowlist = $4::cidr[], \
+         allowlisted_ports = $5, sandbox_targets = $6, nat = $7, default_ttl_secs = $8, \
+         default_action = $9, revision = $10, updated_at = now(), updated_by = $11 \
+         WHERE group_id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(group_id)
+    .bind(new.mode)
+    .bind(new.redirect_model)
+    .bind(new.allowlist)
+    .bind(new.allowlisted_ports)
+    .bind(new.sandbox_targets)
+    .bind(new.nat)
+    .bind(new.default_ttl_secs)
+    .bind(new.default_action)
+    .bind(revision)
+    .bind(user_id)
+    .fetch_one(ex)
+    .await?;
+    Policy::from_row(&row)
+}
+
+/// A live attacker entry an allowlist entry overrides.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Shadowed {
+    /// The attacker entry's id.
+    pub id: i64,
+    /// Its network.
+    pub net: IpNet,
+    /// Its action (which agents will not apply to the allowlisted part).
+    pub action: String,
+    /// Its group; `None`: every group.
+    pub group_id: Option<i64>,
+    /// The allowlist entry that overlaps it.
+    pub allowlisted_by: IpNet,
+}
+
+/// Live attacker entries that agents of `group_id` enforce (the group's and every group's) and
+/// that overlap an entry of `allowlist`: the allowlist wins in the kernel, so they are shadowed
+/// (in part, for a range).
+pub async fn shadowed(
+    ex: impl PgExecutor<'_>,
+    group_id: i64,
+    allowlist: &[IpNet],
+) -> Result<Vec<Shadowed>, sqlx::Error> {
+    if allowlist.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query(
+        "SELECT DISTINCT ON (a.id) a.id, a.net, a.action, a.group_id, w AS allowlisted_by \
+         FROM attackers a, unnest($2::cidr[]) AS w \
+         WHERE (a.group_id IS NULL OR a.group_id = $1) \
+           AND (a.expires_at IS NULL OR a.expires_at > now()) AND a.net && w \
+         ORDER BY a.id, masklen(w) DESC",
+    )
+    .bind(group_id)
+    .bind(allowlist)
+    .fetch_all(ex)
+    .await?
+    .iter()
+    .map(|row| {
+        Ok(Shadowed {
+            id: row.try_get("id")?,
+            net: row.try_get("net")?,
+            action: row.try_get("action")?,
+            group_id: row.try_get("group_id")?,
+            allowlisted_by: row.try_get("allowlisted_by")?,
+        })
+    })
+    .collect()
+}

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod expiry;
 pub mod net;
 pub mod shared;
+pub mod validate;
 
 use ipnet::IpNet;
 use serde::Serialize;

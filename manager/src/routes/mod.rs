@@ -7,6 +7,7 @@ pub mod allowlist;
 pub mod attackers;
 pub mod audit_log;
 pub mod auth;
+pub mod groups;
 pub mod health;
 pub mod service_credentials;
 pub mod ui;
@@ -50,6 +51,12 @@ pub fn router() -> Router<AppState> {
         .route(
             "/api/v1/allowlist",
             post(allowlist::add).delete(allowlist::remove),
+        )
+        .route("/api/v1/groups", get(groups::list).post(groups::create))
+        .route("/api/v1/groups/{name}", delete(groups::delete))
+        .route(
+            "/api/v1/groups/{name}/policy",
+            get(groups::get_policy).put(groups::put_policy),
         )
         .route(
             "/api/v1/service-credentials",
