@@ -615,6 +615,61 @@ async fn viewer_sees_no_controls_that_would_be_refused() {
     b.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_enrolls_an_agent_and_edits_a_policy() {
+    let m = Manager::start().await;
+    let b = Browser::start().await;
+    ui_login(&b, &m, "oper").await;
+
+    // The enrollment token is shown once, and it works.
+    open(&b, &m, "/agents", "#enroll-form").await;
+    b.click("#enroll-submit").await;
+    let token = b
+        .find(".secret-box code.secret")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(token.len(), 64, "{token}");
+    let enrolled = m
+        .send(
+            m.http
+                .post(format!("{}/api/v1/agent/enroll", m.base))
+                .json(&json!({ "token": token, "hostname": "edge-9" })),
+            "enroll with the token from the page",
+        )
+        .await;
+    let credential = enrolled["credential"].as_str().unwrap().to_owned();
+
+    // The policy editor: a refused value shows the API's message, a good one reaches the agent.
+    open(&b, &m, "/policies", "#policy-form").await;
+    b.fill("#policy-allowlist", "0.0.0.0/0").await;
+    b.click("#policy-save").await;
+    b.find("#policy-form .error:not([hidden])").await;
+    b.choose("#policy-mode", "firewall").await;
+    b.fill("#policy-allowlist", "192.0.2.0/28\n2001:db8::10")
+        .await;
+    b.click("#policy-save").await;
+    b.wait_text("Saved the policy of default").await;
+    let update = m
+        .send(
+            m.http
+                .post(format!("{}/api/v1/agent/policy", m.base))
+                .bearer_auth(&credential)
+                .json(&json!({ "since": null })),
+            "poll the policy",
+        )
+        .await;
+    assert_eq!(update["policy"]["mode"], "firewall", "{update}");
+    assert_eq!(
+        update["policy"]["allowlist"],
+        json!(["192.0.2.0/28", "2001:db8::10/128"]),
+        "{update}"
+    );
+    assert_no_csp_violations(&b).await;
+    b.close().await;
+}
+
 /// Seeds a realistic picture: agents, groups, manual and automatic entries, a day of detections,
 /// a sandbox session, users, an alert channel.
 async fn seed(m: &Manager) -> i64 {
@@ -640,6 +695,23 @@ async fn seed(m: &Manager) -> i64 {
         .json(&json!({ "name": "dmz", "description": "Internet-facing web servers" }))
         .send()
         .await;
+    m.call(
+        &root,
+        Method::PUT,
+        "/groups/default/policy",
+        json!({
+            "mode": "unreal", "redirect_model": "preserve-source",
+            "allowlist": ["10.20.0.0/24", "192.0.2.10"], "allowlisted_ports": [],
+            "sandbox_targets": [
+                { "proto": "tcp", "port": 22, "target": "198.18.1.2:2222" },
+                { "proto": "tcp", "port": 3306, "target": "198.18.1.2:3306" },
+                { "target": "198.18.1.2" },
+            ],
+            "nat": { "reflect_pps": 100 },
+            "default_ttl_secs": 86400, "default_action": "redirect",
+        }),
+    )
+    .await;
     for (net, action, reason) in [
         (
             "198.51.100.0/24",
@@ -743,17 +815,50 @@ async fn seed(m: &Manager) -> i64 {
         "started_at": ago(Duration::from_secs(805)), "ended_at": ago(Duration::from_secs(700)),
     }]))
     .await;
-    let _ = m
-        .http
-        .post(format!("{}/api/v1/alert-channels", m.base))
-        .header(header::COOKIE, &root.cookie)
-        .header("x-csrf-token", &root.csrf)
-        .json(&json!({
-            "name": "soc-webhook", "kind": "webhook", "min_severity": "high",
-            "config": { "url": "http://127.0.0.1:9/hook" },
-        }))
-        .send()
+    // Alert channels; the webhook points at a loopback receiver that answers 204, so its test
+    // message is a `sent` delivery.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut conn, _)) = hook.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    let webhook = m
+        .call(
+            &root,
+            Method::POST,
+            "/alert-channels",
+            json!({
+                "name": "soc-webhook", "kind": "webhook", "min_severity": "high",
+                "config": { "url": format!("http://{hook_addr}/mirage"), "secret": "a shared secret of 32 bytes....." },
+            }),
+        )
         .await;
+    m.call(
+        &root,
+        Method::POST,
+        "/alert-channels",
+        json!({
+            "name": "oncall-mail", "kind": "email", "min_severity": "critical", "max_per_hour": 4,
+            "config": { "host": "127.0.0.1", "port": 2525, "tls": "none",
+                        "from": "Mirage <mirage@example.org>", "to": ["oncall@example.org"] },
+        }),
+    )
+    .await;
+    let id = webhook["id"].as_i64().unwrap();
+    m.call(
+        &root,
+        Method::POST,
+        &format!("/alert-channels/{id}/test"),
+        Value::Null,
+    )
+    .await;
     m.attacker_id("203.0.113.50/32").await
 }
 
@@ -782,7 +887,7 @@ async fn screenshots_of_every_main_page() {
         ("agents", "table.agents tr[data-id]", "/agents".into()),
         ("policies", "#policy-form", "/policies".into()),
         ("users", "table.users", "/users".into()),
-        ("alerts", "#main .card", "/alerts".into()),
+        ("alerts", "#main .card table td .badge", "/alerts".into()),
         ("audit", "#audit-table tr", "/audit".into()),
         ("settings", "#retention-form", "/settings".into()),
     ];

@@ -26,6 +26,8 @@ pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// How long a wait for the page lasts before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
+/// How often a wait looks again.
+pub const POLL: Duration = Duration::from_millis(40);
 
 /// Panics (fails the test, never skips it) when the browser or the driver is missing.
 pub fn require_browser() {
@@ -176,6 +178,7 @@ impl Browser {
         self.client
             .wait()
             .at_most(WAIT)
+            .every(POLL)
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("waiting for `{css}`: {e}"))
@@ -216,7 +219,7 @@ impl Browser {
                     text.as_str().unwrap_or_default()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 

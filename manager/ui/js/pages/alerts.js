@@ -10,14 +10,20 @@ import {
 const KINDS = [['webhook', 'Webhook (JSON)'], ['slack', 'Slack-compatible webhook'], ['email', 'E-mail (SMTP)']];
 const SEVERITIES = ['info', 'low', 'medium', 'high', 'critical'];
 
-/** Where a channel sends to, for the table. */
+/** Where a channel sends to, for the table (the API already redacted secrets). */
 function target(c) {
   const cfg = c.config || {};
   if (c.kind === 'email') {
     const to = Array.isArray(cfg.to) ? cfg.to.join(', ') : cfg.to;
-    return [to || '—', cfg.smtp || cfg.server ? h('span', { class: 'sub-line' }, `via ${cfg.smtp ?? cfg.server}`) : null];
+    return [to || '—', cfg.host ? h('span', { class: 'sub-line' }, `via ${cfg.host}:${cfg.port ?? ''} (${cfg.tls ?? 'tls'})`) : null];
   }
   return cfg.url ?? '—';
+}
+
+/** A password input that shows a stored (redacted) secret as its value: sent back unchanged, the
+ * manager keeps the stored one; cleared, the secret is removed. */
+function secretInput(name, value, placeholder) {
+  return h('input', { type: 'password', name, value: value ?? '', autocomplete: 'new-password', placeholder });
 }
 
 function channelForm(existing, onDone) {
@@ -26,14 +32,22 @@ function channelForm(existing, onDone) {
   const kind = select('kind', KINDS, c.kind, { id: 'channel-kind', disabled: Boolean(existing) });
   const hookFields = h('div', { class: 'form-grid two' },
     field('URL', input('url', { value: cfg.url ?? '', class: 'mono', placeholder: 'https://hooks.example/…', id: 'channel-url' })),
-    field('Signing secret (optional)', h('input', { type: 'password', name: 'secret', autocomplete: 'off', placeholder: existing ? 'unchanged' : 'HMAC-SHA256 of the body' })));
-  const mailFields = h('div', { class: 'form-grid' },
-    field('SMTP server', input('smtp', { value: cfg.smtp ?? '', class: 'mono', placeholder: 'smtp://mail.example:587' })),
-    field('From', input('from', { value: cfg.from ?? '', placeholder: 'mirage@example.org' })),
-    field('To', input('to', { value: Array.isArray(cfg.to) ? cfg.to.join(', ') : (cfg.to ?? ''), placeholder: 'soc@example.org, …' })));
+    field('Signing secret (webhook, optional)', secretInput('secret', cfg.secret, '16+ random characters'),
+      'Each POST carries X-Mirage-Signature: sha256=HMAC of the body.'));
+  const mailFields = h('div', null,
+    h('div', { class: 'form-grid' },
+      field('SMTP host', input('host', { value: cfg.host ?? '', class: 'mono', placeholder: 'mail.example.org' })),
+      field('Port', input('port', { value: cfg.port ?? 587, inputmode: 'numeric' })),
+      field('Security', select('tls', [['starttls', 'STARTTLS (587)'], ['tls', 'TLS (465)'], ['none', 'none (local relay)']], cfg.tls ?? 'starttls')),
+      field('SMTP user (optional)', input('username', { value: cfg.username ?? '' })),
+      field('SMTP password', secretInput('password', cfg.password, 'optional'))),
+    h('div', { class: 'form-grid two' },
+      field('From', input('from', { value: cfg.from ?? '', placeholder: 'Mirage <mirage@example.org>' })),
+      field('To', input('to', { value: Array.isArray(cfg.to) ? cfg.to.join(', ') : (cfg.to ?? ''), placeholder: 'soc@example.org, …' }))));
   const showKind = () => {
     hookFields.hidden = kind.value === 'email';
     mailFields.hidden = kind.value !== 'email';
+    hookFields.querySelector('[name=secret]').closest('.field').hidden = kind.value !== 'webhook';
   };
   kind.addEventListener('change', showKind);
   showKind();
@@ -50,13 +64,22 @@ function channelForm(existing, onDone) {
       field('At most per hour', input('max_per_hour', { value: c.max_per_hour ?? 12, inputmode: 'numeric' }), 'Beyond this, detections wait for the next digest.')),
     h('div', { class: 'form-foot' },
       h('span'),
-      h('span', null,
-        existing ? button('Cancel', () => onDone(null), 'ghost') : null,
+      h('span', { class: 'foot-tools' },
+        button('Cancel', () => onDone(null), 'ghost'),
         h('button', { type: 'submit', class: 'btn btn-primary', id: 'channel-save' }, existing ? 'Save channel' : 'Add channel'))),
   ], async (values) => {
-    const config = values.kind === 'email' || kind.value === 'email'
-      ? { smtp: values.smtp.trim(), from: values.from.trim(), to: values.to.split(',').map((t) => t.trim()).filter(Boolean) }
-      : { url: values.url.trim(), ...(values.secret ? { secret: values.secret } : {}) };
+    let config;
+    if (kind.value === 'email') {
+      config = {
+        host: values.host.trim(), port: Number(values.port), tls: values.tls, from: values.from.trim(),
+        to: values.to.split(',').map((t) => t.trim()).filter(Boolean),
+      };
+      if (values.username.trim()) config.username = values.username.trim();
+      if (values.password) config.password = values.password;
+    } else {
+      config = { url: values.url.trim() };
+      if (kind.value === 'webhook' && values.secret) config.secret = values.secret;
+    }
     const body = {
       name: values.name.trim(),
       min_severity: values.min_severity,
@@ -106,8 +129,9 @@ export async function render(ctx) {
           errors.show(null);
           ev.target.disabled = true;
           try {
-            await post(`/alert-channels/${Number(c.id)}/test`);
-            replace(flash, notice(`Sent a test message through ${c.name}.`));
+            const d = await post(`/alert-channels/${Number(c.id)}/test`);
+            if (d && d.status === 'failed') errors.show(new Error(`The test message through ${c.name} failed: ${d.last_error ?? 'no reason given'}`));
+            else replace(flash, notice(`Sent a test message through ${c.name}.`));
           } catch (err) { errors.show(err); } finally { ev.target.disabled = false; }
           loadDeliveries().catch(() => {});
         }, 'small btn-ghost'),
@@ -124,10 +148,11 @@ export async function render(ctx) {
     const list = await get('/alert-deliveries', { limit: 50 });
     if (!ctx.live()) return;
     const name = (id) => channelList.find((c) => c.id === id)?.name ?? `channel ${id}`;
-    replace(deliveries, table(['Created', 'Channel', 'Status', { label: 'Detections', class: 'num' }, { label: 'Attempts', class: 'num' }, 'Sent', 'Last error'],
+    replace(deliveries, table(['Created', 'Channel', 'Message', 'Status', { label: 'Detections', class: 'num' }, { label: 'Attempts', class: 'num' }, 'Sent', 'Last error'],
       (Array.isArray(list) ? list : list.deliveries || []).map((d) => [
         td('nowrap', when(d.created_at)),
-        td('', d.channel ?? d.channel_name ?? name(d.channel_id)),
+        td('nowrap', d.channel ?? d.channel_name ?? name(d.channel_id)),
+        td('subject', d.subject ?? d.dedup_key ?? ''),
         td('', badge(d.status, { sent: 'ok', failed: 'bad', pending: 'warn', suppressed: 'muted' }[d.status] ?? 'muted')),
         td('num', num(d.detection_count)),
         td('num', num(d.attempts)),

@@ -163,7 +163,11 @@ export async function render(ctx) {
   };
   events.addEventListener('open', () => setStatus('live', 'Live'));
   events.addEventListener('error', () => {
-    if (events.readyState === EventSource.CLOSED) setStatus('down', 'Live updates unavailable');
+    if (events.readyState === EventSource.CLOSED) {
+      setStatus('down', 'Live updates unavailable');
+      // A refused stream is most often an ended session: /me sends the user to the login form.
+      get('/me').catch(() => {});
+    }
     else setStatus('connecting', 'Reconnecting…');
   });
   events.addEventListener('detection', (ev) => {
