@@ -898,6 +898,12 @@ async fn screenshots_of_every_main_page() {
             std::fs::metadata(&path).unwrap().len() > 10_000,
             "{path:?} looks empty"
         );
+        if *name == "attacker" {
+            // The sandbox session is below the fold.
+            b.js("document.querySelector('#attacker-sessions').scrollIntoView(); return true;")
+                .await;
+            b.screenshot("attacker-sandbox").await;
+        }
     }
     assert_no_csp_violations(&b).await;
     b.close().await;

@@ -5,7 +5,7 @@
 import { del, get, groups } from '../api.js';
 import {
   action, bytes, card, confirmButton, duration, errorBox, h, header, link, muted, notice, num, replace,
-  severity, table, td, when,
+  severity, shortTime, table, td, when,
 } from '../dom.js';
 import { allow, groupName, netLabel, source } from './attackers.js';
 import { evidenceBlock } from './log.js';
@@ -52,7 +52,7 @@ function sessionCard(sess) {
     h('section', null, h('h3', null, `Commands (${cmds.length})`),
       cmds.length
         ? h('ol', { class: 'terminal' }, cmds.map((c) => h('li', null,
-          h('span', { class: 'term-time' }, c.at ? new Date(c.at).toLocaleTimeString() : ''),
+          h('span', { class: 'term-time', title: c.at ? new Date(c.at).toString() : '' }, c.at ? shortTime(c.at) : ''),
           h('span', { class: 'term-prompt' }, '$'),
           h('code', null, String(c.input ?? '')))))
         : muted('No commands.')));
