@@ -1,7 +1,8 @@
 //! `mirage-manager`: the control plane. It keeps users, agents, policies, attackers, attack logs
-//! and sandbox sessions in PostgreSQL and serves them over a JSON API, and streams policy deltas to
-//! the agents ([`policy`]; later also the web UI). It sits at the top of the data path: `mirage-server` reports
-//! verdicts to it, and it pushes policy to every `mirage-agent`.
+//! and sandbox sessions in PostgreSQL and serves them over a JSON API and a web UI
+//! ([`routes::ui`], `docs/ui.md`), and streams policy deltas to the agents ([`policy`]). It sits
+//! at the top of the data path: `mirage-server` reports verdicts to it, and it pushes policy to
+//! every `mirage-agent`.
 //!
 //! Run it with `mirage-manager serve [--config FILE]`; with no `database_url` it starts and owns a
 //! private PostgreSQL cluster under `data_dir` ([`db::embedded`]). The first admin comes from
