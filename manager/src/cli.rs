@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
-use crate::{AppState, ManagerConfig, admin, app, db, policy};
+use crate::{AppState, ManagerConfig, admin, app, db, evidence, policy};
 
 /// How often expired attackers are removed (agents also expire them in the kernel on time).
 const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -133,6 +133,10 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
     info!(listen = %config.listen, tls = tls.is_some(), "Serving.");
     let sweeper = tokio::spawn(sweep(pool.clone()));
     let expiry = tokio::spawn(policy::expiry::run(pool.clone(), EXPIRY_SWEEP));
+    let retention = tokio::spawn(evidence::retention::run(
+        pool.clone(),
+        evidence::retention::INTERVAL,
+    ));
     let state = AppState::new(pool, config.clone());
     let bus = state.bus.clone();
     let served = crate::tls::serve(listener, tls, app(state), async move {
@@ -143,6 +147,7 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
     .context("serving HTTP");
     sweeper.abort();
     expiry.abort();
+    retention.abort();
     info!("Stopped serving.");
     served
 }
@@ -154,18 +159,14 @@ fn print_once(text: &str) {
     let _ = stderr.flush();
 }
 
-/// Deletes expired sessions, old login attempts and unused enrollment tokens a day past their
-/// expiry every minute.
+/// Deletes expired sessions and unused enrollment tokens a day past their expiry every minute.
+/// (Old login attempts go with the retention sweep, which keeps them `login_attempts_days`.)
 async fn sweep(pool: sqlx::PgPool) {
-    const KEEP_ATTEMPTS: Duration = Duration::from_secs(30 * 24 * 3600);
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
         if let Err(err) = db::sessions::delete_expired(&pool).await {
             warn!(error = %err, "Sweeping expired sessions failed.");
-        }
-        if let Err(err) = db::login_attempts::delete_older_than(&pool, KEEP_ATTEMPTS).await {
-            warn!(error = %err, "Sweeping old login attempts failed.");
         }
         if let Err(err) = db::agents::delete_stale_enrollment_tokens(&pool).await {
             warn!(error = %err, "Sweeping stale enrollment tokens failed.");

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod evidence;
 pub mod policy;
 pub mod routes;
 pub mod telemetry;
@@ -28,7 +29,7 @@ use axum::{Router, middleware};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-use crate::policy::bus::PolicyBus;
+use crate::{evidence::bus::DetectionBus, policy::bus::PolicyBus};
 pub use crate::{config::ManagerConfig, error::AppError};
 
 /// What every handler shares.
@@ -42,6 +43,9 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Policy change wake-ups for the agents' streams (this replica's LISTEN connection).
     pub bus: PolicyBus,
+    /// New-detection wake-ups for the web UI's live attack log (this replica's LISTEN
+    /// connection on `mirage_detection`). Its streams end with [`PolicyBus::close`] too.
+    pub detections: DetectionBus,
 }
 
 impl AppState {
@@ -49,6 +53,7 @@ impl AppState {
     pub fn new(db: PgPool, config: ManagerConfig) -> Self {
         Self {
             bus: PolicyBus::new(db.clone()),
+            detections: DetectionBus::new(db.clone()),
             db,
             config: Arc::new(config),
             metrics: telemetry::install(),

@@ -15,8 +15,14 @@ use sqlx::{
 };
 
 /// (version, description, SQL), in version order.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../../migrations/0001_init.sql")),
+    (
+        2,
+        "ingestion",
+        include_str!("../../migrations/0002_ingestion.sql"),
+    ),
+];
 
 /// The embedded migrations as a sqlx migration source.
 #[derive(Debug, Clone, Copy)]

@@ -5,14 +5,19 @@
 pub mod agents;
 pub mod attackers;
 pub mod audit_log;
+pub mod detections;
 pub mod embedded;
+pub mod evidence;
 pub mod groups;
 pub mod login_attempts;
 pub mod migrate;
 pub mod policies;
 pub mod policy_revisions;
+pub mod retention;
+pub mod sandbox_sessions;
 pub mod service_credentials;
 pub mod sessions;
+pub mod stats;
 pub mod users;
 
 use std::{os::unix::fs::DirBuilderExt as _, path::PathBuf, str::FromStr as _};

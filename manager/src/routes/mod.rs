@@ -4,17 +4,25 @@
 pub mod agent_policy;
 pub mod agents;
 pub mod allowlist;
+pub mod attacker_page;
 pub mod attackers;
 pub mod audit_log;
 pub mod auth;
+pub mod detections;
+pub mod events;
 pub mod groups;
 pub mod health;
+pub mod retention;
+pub mod sandbox_sessions;
 pub mod service_credentials;
+pub mod stats;
 pub mod ui;
 pub mod users;
+pub mod verdicts;
 
 use axum::{
     Router,
+    extract::DefaultBodyLimit,
     routing::{delete, get, patch, post},
 };
 
@@ -47,7 +55,10 @@ pub fn router() -> Router<AppState> {
             "/api/v1/attackers",
             get(attackers::list).post(attackers::create),
         )
-        .route("/api/v1/attackers/{id}", delete(attackers::delete))
+        .route(
+            "/api/v1/attackers/{id}",
+            get(attacker_page::get).delete(attackers::delete),
+        )
         .route(
             "/api/v1/allowlist",
             post(allowlist::add).delete(allowlist::remove),
@@ -57,6 +68,23 @@ pub fn router() -> Router<AppState> {
         .route(
             "/api/v1/groups/{name}/policy",
             get(groups::get_policy).put(groups::put_policy),
+        )
+        .route(
+            "/api/v1/verdicts",
+            post(verdicts::ingest).layer(DefaultBodyLimit::max(verdicts::MAX_BODY)),
+        )
+        .route(
+            "/api/v1/sandbox-sessions",
+            get(sandbox_sessions::list)
+                .post(sandbox_sessions::report)
+                .layer(DefaultBodyLimit::max(sandbox_sessions::MAX_BODY)),
+        )
+        .route("/api/v1/detections", get(detections::list))
+        .route("/api/v1/events", get(events::stream))
+        .route("/api/v1/stats", get(stats::get))
+        .route(
+            "/api/v1/settings/retention",
+            get(retention::get).put(retention::put),
         )
         .route(
             "/api/v1/service-credentials",
