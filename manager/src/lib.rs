@@ -29,8 +29,8 @@ use axum::{Router, middleware};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-use crate::{evidence::bus::DetectionBus, policy::bus::PolicyBus};
 pub use crate::{config::ManagerConfig, error::AppError};
+use crate::{evidence::bus::DetectionBus, policy::bus::PolicyBus};
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
