@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
-use crate::{AppState, ManagerConfig, admin, app, db, evidence, policy};
+use crate::{AppState, ManagerConfig, admin, alerts, app, db, evidence, policy};
 
 /// How often expired attackers are removed (agents also expire them in the kernel on time).
 const EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -137,6 +137,10 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
         pool.clone(),
         evidence::retention::INTERVAL,
     ));
+    let alerts = tokio::spawn(alerts::dispatch::run(
+        pool.clone(),
+        alerts::dispatch::DispatchOptions::default(),
+    ));
     let state = AppState::new(pool, config.clone());
     let bus = state.bus.clone();
     let served = crate::tls::serve(listener, tls, app(state), async move {
@@ -147,6 +151,7 @@ async fn serve_with(config: &ManagerConfig, database: &db::Database) -> Result<(
     .context("serving HTTP");
     sweeper.abort();
     expiry.abort();
+    alerts.abort();
     retention.abort();
     info!("Stopped serving.");
     served

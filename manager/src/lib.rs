@@ -10,6 +10,7 @@
 //! first start. [`app`] builds the router; tests drive it with `tower::ServiceExt::oneshot`.
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -22,6 +22,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "ingestion",
         include_str!("../../migrations/0002_ingestion.sql"),
     ),
+    (
+        3,
+        "alerts",
+        include_str!("../../migrations/0003_alerts.sql"),
+    ),
 ];
 
 /// The embedded migrations as a sqlx migration source.

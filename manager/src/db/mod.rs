@@ -3,6 +3,8 @@
 //! checked at run time (against the real schema by the tests), so building needs no database.
 
 pub mod agents;
+pub mod alert_channels;
+pub mod alert_deliveries;
 pub mod attackers;
 pub mod audit_log;
 pub mod detections;

@@ -3,6 +3,7 @@
 
 pub mod agent_policy;
 pub mod agents;
+pub mod alerts;
 pub mod allowlist;
 pub mod attacker_page;
 pub mod attackers;
@@ -63,6 +64,16 @@ pub fn router() -> Router<AppState> {
             "/api/v1/allowlist",
             post(allowlist::add).delete(allowlist::remove),
         )
+        .route(
+            "/api/v1/alert-channels",
+            get(alerts::list).post(alerts::create),
+        )
+        .route(
+            "/api/v1/alert-channels/{id}",
+            patch(alerts::update).delete(alerts::delete),
+        )
+        .route("/api/v1/alert-channels/{id}/test", post(alerts::test))
+        .route("/api/v1/alert-deliveries", get(alerts::deliveries))
         .route("/api/v1/groups", get(groups::list).post(groups::create))
         .route("/api/v1/groups/{name}", delete(groups::delete))
         .route(
