@@ -30,7 +30,7 @@ use hmac::{Hmac, Mac as _};
 use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Login, PASSWORD, Reply, call, request};
+use common::{Login, PASSWORD, Reply, bearer, call, request};
 use manager::{
     alerts::{
         dispatch::{self, DispatchOptions, Pass},
@@ -1189,4 +1189,82 @@ async fn one_dispatcher_runs_woken_by_notify_and_history_is_not_alerted() {
     assert_eq!(hits[0].json()["alert"]["address"], "192.0.2.99");
     first.abort();
     second.abort();
+}
+
+#[tokio::test]
+async fn verdicts_posted_by_a_server_are_alerted_at_once() {
+    let s = setup().await;
+    let hooks = WebhookReceiver::start().await;
+    s.channel(webhook_channel("siem", &hooks.url("siem"), 100))
+        .await;
+    let created = s
+        .send(
+            &s.admin,
+            Method::POST,
+            "/api/v1/service-credentials",
+            Some(json!({ "name": "srv-1" })),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let credential = created.body["credential"].as_str().unwrap().to_owned();
+    let options = DispatchOptions {
+        poll: Duration::from_secs(60),
+        ..s.options.clone()
+    };
+    let dispatcher = tokio::spawn(dispatch::run(s.db.pool.clone(), options));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM settings WHERE key = 'alerts_cursor'")
+        .fetch_one(&s.db.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the dispatcher did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verdict = |id: &str, addr: &str| {
+        json!({
+            "id": id, "addr": addr, "rule": "sshd-bruteforce", "service": "sshd",
+            "severity": "high", "count": 5,
+            "evidence": [format!("sshd[1]: Failed password for root from {addr} port 4711 ssh2")],
+            "at": "2024-05-01T10:00:00Z",
+        })
+    };
+    let body = json!({ "verdicts": [
+        verdict("v1", "198.51.100.20"),
+        verdict("v2", "198.51.100.20"),
+        verdict("v3", "198.51.100.21"),
+    ] });
+    let req = bearer(
+        request(Method::POST, "/api/v1/verdicts", Some(&body)),
+        &credential,
+    );
+    let reply = call(&s.app, req).await;
+    assert!(
+        reply.status.is_success(),
+        "{}: {}",
+        reply.status,
+        reply.body
+    );
+    // Ingestion's NOTIFY wakes the dispatcher long before its 60 s poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hooks.hits("siem").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no alert within 10 s of the verdicts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alerts: Vec<Value> = hooks
+        .hits("siem")
+        .iter()
+        .map(|h| h.json()["alert"].clone())
+        .collect();
+    alerts.sort_by_key(|a| a["address"].as_str().unwrap().to_owned());
+    assert_eq!(alerts.len(), 2);
+    assert_eq!(alerts[0]["address"], "198.51.100.20");
+    assert_eq!(alerts[0]["count"], 2);
+    assert_eq!(alerts[0]["server"], "srv-1");
+    assert_eq!(alerts[1]["address"], "198.51.100.21");
+    dispatcher.abort();
 }
