@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod evidence;
+pub mod openapi;
 pub mod policy;
 pub mod routes;
 pub mod telemetry;

@@ -36,6 +36,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/{*path}", get(ui::asset))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
+        .route("/api/v1/openapi.json", get(crate::openapi::serve))
         .route("/api/v1/login", post(auth::login))
         .route("/api/v1/logout", post(auth::logout))
         .route("/api/v1/me", get(auth::me))
