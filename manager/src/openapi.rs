@@ -266,12 +266,45 @@ fn ops() -> Vec<Op> {
         Op {
             method: "post",
             path: "/api/v1/agent/heartbeat",
-            summary: "The agent's state and counters (top sources with packets/bytes per \
-                      action).",
+            summary: "The agent's state and kernel counters (what `mirage-agent top --json` \
+                      prints: global counters and up to 1000 top sources with packets and bytes \
+                      per action). Every field is optional; a heartbeat without `counters` keeps \
+                      the last report.",
             auth: Auth::Agent,
             query: &[],
-            body: Some(any_object()),
-            ok: (204, None),
+            body: Some(object(&[
+                (
+                    "mode",
+                    en(&["honeypot", "unreal", "reflect", "firewall"]),
+                    false,
+                ),
+                ("version", s(), false),
+                ("applied_revision", int(), false),
+                (
+                    "counters",
+                    object(&[
+                        (
+                            "global",
+                            json!({ "type": "object", "additionalProperties": { "type": "integer" } }),
+                            false,
+                        ),
+                        (
+                            "sources",
+                            json!({ "type": "array", "maxItems": 1000, "items": object(&[
+                            ("addr", s(), true),
+                            ("packets", r("PerAction"), false),
+                            ("bytes", r("PerAction"), false),
+                            ("total_packets", int(), false),
+                            ("total_bytes", int(), false),
+                            ("last_seen_secs_ago", json!({ "type": "number", "minimum": 0 }), false),
+                        ]) }),
+                            false,
+                        ),
+                    ]),
+                    false,
+                ),
+            ])),
+            ok: (200, Some(r("Agent"))),
         },
         Op {
             method: "get",
@@ -680,7 +713,27 @@ fn schemas() -> Value {
             ("ip", opt(s()), true),
             ("at", time(), true),
         ]),
-        "Agent": any_object(),
+        "Agent": object(&[
+            ("id", int(), true),
+            ("group_id", int(), true),
+            ("name", s(), true),
+            ("hostname", s(), true),
+            ("addresses", array(s()), true),
+            ("mode", opt(s()), true),
+            ("version", opt(s()), true),
+            ("enrolled_at", time(), true),
+            ("revoked_at", opt(time()), true),
+            ("last_heartbeat", opt(time()), true),
+            ("applied_revision", opt(int()), true),
+            ("counters_at", opt(time()), true),
+            ("counters", json!({ "type": "object", "description": "GET /api/v1/agents only: {global: {name: n}, sources: [{addr, actions: {drop: {packets, bytes}, ...}, total_packets, total_bytes, last_seen}]}" }), false),
+        ]),
+        "PerAction": object(&[
+            ("pass", int(), false),
+            ("drop", int(), false),
+            ("redirect", int(), false),
+            ("reflect", int(), false),
+        ]),
         "ServiceCredential": object(&[
             ("id", int(), true),
             ("name", s(), true),

@@ -222,6 +222,104 @@ async fn expired_enrollment_tokens_are_refused() {
 }
 
 #[tokio::test]
+async fn agents_report_their_counters_and_the_agents_page_lists_them() {
+    let s = setup().await;
+    let (id, credential) = s.agent("web-1").await;
+    let report = json!({
+        "mode": "unreal", "applied_revision": 0,
+        "counters": {
+            "global": { "rx_packets": 1200, "dropped": 40 },
+            "sources": [
+                { "addr": "::ffff:203.0.113.7",
+                  "packets": { "pass": 0, "drop": 40, "redirect": 2, "reflect": 0 },
+                  "bytes": { "pass": 0, "drop": 2400, "redirect": 180, "reflect": 0 },
+                  "total_packets": 42, "total_bytes": 2580, "last_seen_secs_ago": 3.5 },
+                { "addr": "2001:db8::9", "packets": { "pass": 7 }, "bytes": { "pass": 700 } },
+            ],
+        },
+    });
+    let req = request(Method::POST, "/api/v1/agent/heartbeat", Some(&report));
+    let beat = call(&s.app, bearer(req, &credential)).await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.body);
+    assert_eq!(beat.body["applied_revision"], 0);
+    assert!(beat.body["counters_at"].is_string());
+
+    let listed = s.get(&s.view, "/api/v1/agents").await;
+    let agent = listed
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(agent["mode"], "unreal");
+    let counters = &agent["counters"];
+    assert_eq!(counters["global"]["dropped"], 40);
+    let first = &counters["sources"][0];
+    // IPv4-mapped folded; only actions with traffic; totals recomputed; last seen made absolute.
+    assert_eq!(first["addr"], "203.0.113.7");
+    assert_eq!(
+        first["actions"],
+        json!({
+            "drop": { "packets": 40, "bytes": 2400 },
+            "redirect": { "packets": 2, "bytes": 180 },
+        })
+    );
+    assert_eq!(
+        (
+            first["total_packets"].as_u64(),
+            first["total_bytes"].as_u64()
+        ),
+        (Some(42), Some(2580))
+    );
+    assert!(first["last_seen"].is_string());
+    assert_eq!(counters["sources"][1]["actions"]["pass"]["packets"], 7);
+    assert!(counters["sources"][1]["last_seen"].is_null());
+
+    // A heartbeat without counters keeps the last report.
+    s.heartbeat(&credential).await;
+    let listed = s.get(&s.view, "/api/v1/agents").await;
+    assert_eq!(listed.body[0]["counters"]["global"]["rx_packets"], 1200);
+
+    // Bounded and validated, naming the field.
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({ "addr": format!("10.0.{}.{}", i / 256, i % 256) }))
+        .collect();
+    for (body, needle) in [
+        (
+            json!({ "counters": { "sources": too_many } }),
+            "at most 1000",
+        ),
+        (
+            json!({ "counters": { "global": { "bad name": 1 } } }),
+            "invalid counter name",
+        ),
+        (
+            json!({ "counters": { "sources": [{ "addr": "10.0.0.1", "last_seen_secs_ago": -1.0 }] } }),
+            "last_seen_secs_ago",
+        ),
+        (
+            json!({ "counters": { "sources": [{ "addr": "not an address" }] } }),
+            "addr",
+        ),
+        (
+            json!({ "counters": { "sources": [], "extra": 1 } }),
+            "unknown field",
+        ),
+    ] {
+        let req = request(Method::POST, "/api/v1/agent/heartbeat", Some(&body));
+        let reply = call(&s.app, bearer(req, &credential)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            reply.body["error"].as_str().unwrap().contains(needle),
+            "{}",
+            reply.body
+        );
+    }
+}
+
+#[tokio::test]
 async fn revoked_agents_get_401() {
     let s = setup().await;
     let (id, credential) = s.agent("web-1").await;

@@ -32,10 +32,17 @@ pub struct Agent {
     /// Last authenticated call.
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_heartbeat: Option<OffsetDateTime>,
+    /// The last policy revision the agent reported applied.
+    pub applied_revision: Option<i64>,
+    /// When the agent last reported its counters.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub counters_at: Option<OffsetDateTime>,
 }
 
-/// The columns [`Agent::from_row`] reads.
-pub const COLUMNS: &str = "id, group_id, name, hostname, addresses, mode, version, enrolled_at, revoked_at, last_heartbeat";
+/// The columns [`Agent::from_row`] reads (not the counters report: every authenticated agent
+/// call reads an agent, and only the agents page needs the report).
+pub const COLUMNS: &str = "id, group_id, name, hostname, addresses, mode, version, enrolled_at, \
+                           revoked_at, last_heartbeat, applied_revision, counters_at";
 
 impl Agent {
     /// Reads [`COLUMNS`] from a row.
@@ -51,6 +58,8 @@ impl Agent {
             enrolled_at: row.try_get("enrolled_at")?,
             revoked_at: row.try_get("revoked_at")?,
             last_heartbeat: row.try_get("last_heartbeat")?,
+            applied_revision: row.try_get("applied_revision")?,
+            counters_at: row.try_get("counters_at")?,
         })
     }
 }
@@ -178,6 +187,20 @@ pub async fn list(ex: impl PgExecutor<'_>) -> Result<Vec<Agent>, sqlx::Error> {
         .collect()
 }
 
+/// Every agent with its last counters report (`{}` before the first), by name.
+pub async fn list_with_counters(
+    ex: impl PgExecutor<'_>,
+) -> Result<Vec<(Agent, serde_json::Value)>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS}, counters FROM agents ORDER BY name"
+    ))
+    .fetch_all(ex)
+    .await?
+    .iter()
+    .map(|row| Ok((Agent::from_row(row)?, row.try_get("counters")?)))
+    .collect()
+}
+
 /// Revokes an agent (idempotent); `None` if there is no such agent.
 pub async fn revoke(ex: impl PgExecutor<'_>, id: i64) -> Result<Option<Agent>, sqlx::Error> {
     sqlx::query(&format!(
@@ -216,16 +239,20 @@ pub async fn report(
     mode: Option<&str>,
     version: Option<&str>,
     applied_revision: Option<i64>,
+    counters: Option<&serde_json::Value>,
 ) -> Result<Option<Agent>, sqlx::Error> {
     sqlx::query(&format!(
         "UPDATE agents SET mode = coalesce($2, mode), version = coalesce($3, version), \
-         applied_revision = coalesce($4, applied_revision), last_heartbeat = now() \
+         applied_revision = coalesce($4, applied_revision), last_heartbeat = now(), \
+         counters = coalesce($5, counters), \
+         counters_at = CASE WHEN $5::jsonb IS NULL THEN counters_at ELSE now() END \
          WHERE id = $1 AND revoked_at IS NULL RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(mode)
     .bind(version)
     .bind(applied_revision)
+    .bind(counters)
     .fetch_optional(ex)
     .await?
     .as_ref()

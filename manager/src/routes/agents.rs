@@ -196,12 +196,18 @@ pub async fn enroll(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// Every agent.
+/// Every agent, with its last counters report.
 pub async fn list(
     State(state): State<AppState>,
     _: RequireRole<Viewer>,
-) -> Result<Json<Vec<Agent>>, AppError> {
-    Ok(Json(db::agents::list(&state.db).await?))
+) -> Result<Json<Vec<AgentView>>, AppError> {
+    Ok(Json(
+        db::agents::list_with_counters(&state.db)
+            .await?
+            .into_iter()
+            .map(|(agent, counters)| AgentView { agent, counters })
+            .collect(),
+    ))
 }
 
 /// Revokes an agent: its credential fails from its next call on, and its open streams end.
@@ -238,6 +244,149 @@ pub struct Heartbeat {
     pub version: Option<String>,
     /// The last policy revision it applied.
     pub applied_revision: Option<i64>,
+    /// Its kernel counters: global ones and the top sources (what `mirage-agent top --json`
+    /// prints).
+    pub counters: Option<CountersReport>,
+}
+
+/// Most sources one report may carry.
+pub const MAX_SOURCES: usize = 1000;
+/// Most global counters one report may carry.
+const MAX_GLOBAL: usize = 64;
+
+/// An agent's counters report.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersReport {
+    /// Global counters by name.
+    #[serde(default)]
+    pub global: std::collections::BTreeMap<String, u64>,
+    /// The busiest sources.
+    #[serde(default)]
+    pub sources: Vec<SourceReport>,
+}
+
+/// One source's counters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceReport {
+    /// The source address.
+    pub addr: IpAddr,
+    /// Packets per action.
+    #[serde(default)]
+    pub packets: PerAction,
+    /// Bytes per action.
+    #[serde(default)]
+    pub bytes: PerAction,
+    /// Sums over the actions (ignored: recomputed).
+    #[serde(default)]
+    pub total_packets: u64,
+    /// Sums over the actions (ignored: recomputed).
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Seconds since the agent last saw it.
+    pub last_seen_secs_ago: Option<f64>,
+}
+
+/// Counters per action.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerAction {
+    /// Passed.
+    #[serde(default)]
+    pub pass: u64,
+    /// Dropped.
+    #[serde(default)]
+    pub drop: u64,
+    /// Redirected.
+    #[serde(default)]
+    pub redirect: u64,
+    /// Reflected.
+    #[serde(default)]
+    pub reflect: u64,
+}
+
+impl CountersReport {
+    /// Validates the report and turns it into what is stored and shown:
+    /// `{"global": {...}, "sources": [{"addr", "actions": {"drop": {"packets", "bytes"}, ...},
+    /// "total_packets", "total_bytes", "last_seen"}]}` (actions with no traffic left out, the
+    /// relative last-seen made absolute with the manager's clock).
+    fn stored(&self, now: OffsetDateTime) -> Result<serde_json::Value, AppError> {
+        if self.sources.len() > MAX_SOURCES {
+            return Err(AppError::BadRequest(format!(
+                "`counters.sources`: {} sources, at most {MAX_SOURCES}",
+                self.sources.len()
+            )));
+        }
+        if self.global.len() > MAX_GLOBAL {
+            return Err(AppError::BadRequest(format!(
+                "`counters.global`: {} counters, at most {MAX_GLOBAL}",
+                self.global.len()
+            )));
+        }
+        if let Some(name) = self.global.keys().find(|k| {
+            k.is_empty()
+                || k.len() > 64
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            return Err(AppError::BadRequest(format!(
+                "`counters.global`: invalid counter name `{name}` (1 to 64 of a-z, 0-9, _)"
+            )));
+        }
+        let mut sources = Vec::with_capacity(self.sources.len());
+        for (i, src) in self.sources.iter().enumerate() {
+            let addr = match src.addr {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            };
+            let mut actions = serde_json::Map::new();
+            for (name, packets, bytes) in [
+                ("pass", src.packets.pass, src.bytes.pass),
+                ("drop", src.packets.drop, src.bytes.drop),
+                ("redirect", src.packets.redirect, src.bytes.redirect),
+                ("reflect", src.packets.reflect, src.bytes.reflect),
+            ] {
+                if packets > 0 || bytes > 0 {
+                    actions.insert(
+                        name.to_owned(),
+                        serde_json::json!({ "packets": packets, "bytes": bytes }),
+                    );
+                }
+            }
+            let last_seen = match src.last_seen_secs_ago {
+                Some(ago) if !(0.0..=1e9).contains(&ago) => {
+                    return Err(AppError::BadRequest(format!(
+                        "`counters.sources[{i}].last_seen_secs_ago`: {ago} is not a number of \
+                         seconds"
+                    )));
+                }
+                Some(ago) => (now - time::Duration::seconds_f64(ago))
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok(),
+                None => None,
+            };
+            let p = &src.packets;
+            let b = &src.bytes;
+            sources.push(serde_json::json!({
+                "addr": addr,
+                "actions": actions,
+                "total_packets": p.pass.saturating_add(p.drop).saturating_add(p.redirect).saturating_add(p.reflect),
+                "total_bytes": b.pass.saturating_add(b.drop).saturating_add(b.redirect).saturating_add(b.reflect),
+                "last_seen": last_seen,
+            }));
+        }
+        Ok(serde_json::json!({ "global": self.global, "sources": sources }))
+    }
+}
+
+/// An agent as `GET /api/v1/agents` lists it: the record and its last counters report.
+#[derive(Debug, serde::Serialize)]
+pub struct AgentView {
+    /// The record.
+    #[serde(flatten)]
+    pub agent: Agent,
+    /// The last counters report (`{}` before the first).
+    pub counters: serde_json::Value,
 }
 
 /// Records a heartbeat (the authentication itself already set `last_heartbeat`) and returns the
@@ -254,12 +403,18 @@ pub async fn heartbeat(
             "unknown mode `{mode}` (honeypot, unreal, reflect or firewall)"
         )));
     }
+    let counters = body
+        .counters
+        .as_ref()
+        .map(|c| c.stored(OffsetDateTime::now_utc()))
+        .transpose()?;
     let agent = db::agents::report(
         &state.db,
         agent.id,
         body.mode.as_deref(),
         body.version.as_deref(),
         body.applied_revision,
+        counters.as_ref(),
     )
     .await?
     .ok_or(AppError::BadBearer("revoked credential"))?;
