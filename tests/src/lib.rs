@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod lab;
+pub mod manager;
 pub mod netns;
 pub mod object;
 pub mod packet;

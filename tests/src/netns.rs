@@ -25,30 +25,40 @@ fn process_tag() -> String {
 
 /// Makes SIGINT, SIGTERM and SIGHUP clean up before the process exits. The RAII guards do not
 /// run when a signal kills a process, so a Ctrl-C during `cargo xtask demo` or a benchmark
-/// would leave namespaces, veths and pins behind. Call this first thing in `main`, before any
-/// thread is started: the signals are blocked here (and so in every thread started later) and
-/// a dedicated thread waits for them; on one it kills this process's own children (by PID),
-/// deletes the namespaces and bpffs pin directories named with this process's tag (which also
-/// detaches any XDP/TC link pinned there and removes the veths), and exits with 128 + signal.
+/// would leave namespaces, veths and pins behind. Call this first thing in `main`. A handler
+/// (async-signal-safe: one `write`) passes the signal number through a pipe to a dedicated
+/// thread, which kills this process's own children (by PID), deletes the namespaces and bpffs
+/// pin directories named with this process's tag (which also detaches any XDP/TC link pinned
+/// there and removes the veths), and exits with 128 + signal.
+///
+/// A handler rather than blocking the signals and `sigwait`: a blocked mask is inherited by
+/// every child (std's `Command` keeps the parent's mask), so agents and managers started later
+/// could never be stopped with SIGTERM; a caught signal is reset to its default across `exec`.
 pub fn cleanup_on_interrupt() -> Result<()> {
-    // SAFETY: plain libc calls on a local, initialised sigset.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into a local array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe2: {}", std::io::Error::last_os_error());
+    }
+    let [read_fd, write_fd] = fds;
+    SIGNAL_PIPE.store(write_fd, Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls write(2) on a descriptor set above.
+        let previous = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        if previous == libc::SIG_ERR {
+            bail!(
+                "installing a handler for signal {sig}: {}",
+                std::io::Error::last_os_error()
+            );
         }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("blocking signals: {}", std::io::Error::last_os_error());
-        }
-        set
-    };
+    }
     std::thread::Builder::new()
         .name("interrupt".into())
         .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `set` is a valid sigset; sigwait writes the signal number to `sig`.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            let mut sig = 0u8;
+            // SAFETY: reading one byte into a local from our own pipe.
+            let n = unsafe { libc::read(read_fd, (&raw mut sig).cast(), 1) };
+            if n != 1 {
                 return;
             }
             #[expect(
@@ -59,33 +69,60 @@ pub fn cleanup_on_interrupt() -> Result<()> {
                 eprintln!("\nInterrupted: removing this run's namespaces, pins and processes.");
             }
             reap();
-            std::process::exit(128 + sig);
+            std::process::exit(128 + i32::from(sig));
         })
         .context("starting the interrupt thread")?;
     Ok(())
+}
+
+/// The write end of the signal pipe (-1 until [`cleanup_on_interrupt`]).
+static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let byte = u8::try_from(sig).unwrap_or(u8::MAX);
+        // SAFETY: write(2) is async-signal-safe; one byte from a local.
+        unsafe { libc::write(fd, (&raw const byte).cast(), 1) };
+    }
 }
 
 /// Removes everything this process made, found by name (see [`unique_tag`]).
 fn reap() {
     let me = std::process::id();
     let prefix = format!("{}-", process_tag());
-    // Children first, by PID: agents, iperf3, pings still running.
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            // The parent PID is the second field after the parenthesised command name.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid == Some(me) {
-                // SAFETY: signalling our own child by PID.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+    // Children first, by PID: agents, managers, iperf3, pings still running. SIGTERM first and
+    // a few seconds' grace (a manager stops its embedded PostgreSQL on SIGTERM; killed outright
+    // it would leave the cluster running), then SIGKILL for whatever is left.
+    let children = || -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                // The parent PID is the second field after the parenthesised command name; a
+                // zombie (state Z) has already exited.
+                let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+                let state = rest.next()?;
+                let ppid = rest.next()?.parse::<u32>().ok()?;
+                (ppid == me && state != "Z").then_some(pid)
+            })
+            .collect()
+    };
+    for pid in children() {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !children().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for pid in children() {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -106,6 +143,7 @@ fn reap() {
         ),
         (tmp.as_path(), format!("mirage-agent-{prefix}")),
         (tmp.as_path(), format!("mirage-sandbox-{prefix}")),
+        (tmp.as_path(), format!("mirage-manager-{prefix}")),
     ] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {

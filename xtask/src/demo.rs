@@ -1,9 +1,10 @@
-//! `cargo xtask demo`: builds `mirage-agent` and the `demo` binary (tests crate), then runs the
-//! demo in two acts, each in a lab of network namespaces: the agent in firewall mode drops an
-//! attacker while a legitimate client keeps working; then, in unreal mode, the attacker's new SSH
-//! connection lands in a sandbox namespace (which sees the attacker's real address) while the
-//! legitimate client and the attacker's earlier connection keep the real service. See
-//! `tests/src/bin/demo.rs`.
+//! `cargo xtask demo`: builds `mirage-agent`, `mirage-manager` and the `demo` binary (tests
+//! crate), then runs the demo in three acts, each in a lab of network namespaces: the agent in
+//! firewall mode drops an attacker while a legitimate client keeps working; then, in unreal mode,
+//! the attacker's new SSH connection lands in a sandbox namespace (which sees the attacker's real
+//! address) while the legitimate client and the attacker's earlier connection keep the real
+//! service; then a real `mirage-manager` with its own embedded PostgreSQL takes a verdict and
+//! streams it to the agent. See `tests/src/bin/demo.rs`.
 
 use anyhow::Result;
 
@@ -22,9 +23,13 @@ pub fn run() -> Result<()> {
         "-p",
         "agent",
         "-p",
+        "manager",
+        "-p",
         "tests",
         "--bin",
         "mirage-agent",
+        "--bin",
+        "mirage-manager",
         "--bin",
         "demo",
     ]))?;

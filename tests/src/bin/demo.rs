@@ -28,6 +28,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tests::{
     lab::{ATTACKER_V4, Agent, HOST_IFACE, HOST_V4, LEGIT_V4, Lab, ping},
+    manager::ManagerProcess,
     netns::Netns,
     probe::{EchoServer, tcp_echo_roundtrip, udp_echo_roundtrip},
     sandbox_lab::{
@@ -41,7 +42,7 @@ const ECHO_PORT: u16 = 7;
 /// How long a probe waits: long enough for a healthy round trip on veth, short enough that the
 /// attacker's dropped probes do not make the demo drag.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-const STEPS: usize = 11;
+const STEPS: usize = 17;
 
 fn main() -> ExitCode {
     if let Err(err) = tests::netns::cleanup_on_interrupt() {
@@ -95,7 +96,297 @@ fn main() -> ExitCode {
 fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
     let mut cleanup = firewall_act(style, checks)?;
     cleanup.extend(sandbox_act(style, checks)?);
+    cleanup.extend(control_plane_act(style, checks)?);
     Ok(cleanup)
+}
+
+/// Act 3: the control plane. A real `mirage-manager` with its own embedded PostgreSQL; a verdict
+/// as `mirage-server` reports it; the agent's policy stream receives the change; the entry is
+/// applied to the lab's agent and the attacker is dropped.
+fn control_plane_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
+    println!();
+    println!(
+        "{}",
+        style.bold("Mirage demo, act 3: the control plane (mirage-manager)")
+    );
+    println!(
+        "mirage-server reports verdicts to mirage-manager, which keeps attackers, evidence and\n\
+         policy in PostgreSQL and pushes every change to the agents over one authenticated\n\
+         stream each. Here the manager runs for real, with the embedded PostgreSQL cluster it\n\
+         starts itself; the verdict is posted the way mirage-server posts it."
+    );
+    heading(
+        style,
+        12,
+        "Starting mirage-manager (embedded PostgreSQL, loopback only)",
+    );
+    let lab = Lab::new().context("building the lab")?;
+    let echo_addr = SocketAddr::new(IpAddr::V4(HOST_V4), ECHO_PORT);
+    let echo = EchoServer::start(lab.host.name(), echo_addr).context("starting the echo server")?;
+    let agent = Agent::start(&lab.host, &["--mode", "firewall"]).context("starting the agent")?;
+    let manager = ManagerProcess::start().context("starting mirage-manager")?;
+    println!(
+        "  $ mirage-manager serve --config {}/manager.toml",
+        manager.dir().display()
+    );
+    println!(
+        "  Listening on {} (PID {}); cluster in {}/data/postgres; first-start admin password\n  \
+         printed once (only its argon2id hash is stored).",
+        manager.base_url(),
+        manager.pid(),
+        manager.dir().display()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let outcome = runtime.block_on(control_plane_steps(
+        style, checks, &manager, &agent, &lab, echo_addr,
+    ));
+    let dir = manager.dir().to_owned();
+    let names: Vec<String> = [&lab.host, &lab.legit, &lab.attacker, &lab.lan]
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+    drop(manager);
+    drop(echo);
+    drop(agent);
+    drop(lab);
+    outcome?;
+    checks.expect(
+        !dir.exists(),
+        &format!("the manager's data directory {} is removed", dir.display()),
+    );
+    let remaining = netns_list()?;
+    checks.expect(
+        names.iter().all(|n| !remaining.contains(n)),
+        "no lab namespace of act 3 is left",
+    );
+    Ok(vec![
+        "stopped mirage-manager (SIGTERM: it stopped its PostgreSQL cluster), removed its data directory".to_owned(),
+        format!("deleted the namespaces {}", names.join(", ")),
+    ])
+}
+
+async fn control_plane_steps(
+    style: &Style,
+    checks: &mut Checks,
+    manager: &ManagerProcess,
+    agent: &Agent,
+    lab: &Lab,
+    echo_addr: SocketAddr,
+) -> Result<()> {
+    use futures_util::StreamExt as _;
+    let base = manager.base_url();
+    let http = reqwest::Client::new();
+    heading(
+        style,
+        13,
+        "An operator logs in; a server credential and an agent enrollment",
+    );
+    let resp = http
+        .post(format!("{base}/api/v1/login"))
+        .json(&serde_json::json!({ "username": "admin", "password": manager.admin_password() }))
+        .send()
+        .await?;
+    let cookie = resp
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("no session cookie")?
+        .to_owned();
+    let me: serde_json::Value = resp.json().await?;
+    let csrf = me["csrf_token"]
+        .as_str()
+        .context("no CSRF token")?
+        .to_owned();
+    println!(
+        "  POST /api/v1/login as admin: session cookie (HttpOnly, SameSite=Strict) + CSRF token"
+    );
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .header(reqwest::header::COOKIE, &cookie)
+            .header("x-csrf-token", &csrf)
+            .json(&body)
+            .send()
+    };
+    let server: serde_json::Value = post(
+        "/api/v1/service-credentials",
+        serde_json::json!({ "name": "demo-server" }),
+    )
+    .await?
+    .json()
+    .await?;
+    let server_credential = server["credential"]
+        .as_str()
+        .context("no credential")?
+        .to_owned();
+    println!(
+        "  POST /api/v1/service-credentials {{\"name\": \"demo-server\"}}: a bearer credential for mirage-server (stored as SHA-256)"
+    );
+    let token: serde_json::Value = post("/api/v1/enrollment-tokens", serde_json::json!({}))
+        .await?
+        .json()
+        .await?;
+    let enrolled: serde_json::Value = http
+        .post(format!("{base}/api/v1/agent/enroll"))
+        .json(&serde_json::json!({
+            "token": token["token"], "hostname": "demo-host",
+            "addresses": [HOST_V4.to_string()], "version": env!("CARGO_PKG_VERSION"),
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let agent_credential = enrolled["credential"]
+        .as_str()
+        .context("no agent credential")?
+        .to_owned();
+    println!(
+        "  POST /api/v1/enrollment-tokens, then /api/v1/agent/enroll: the agent's own credential"
+    );
+
+    heading(style, 14, "The agent opens its policy stream");
+    let resp = http
+        .get(format!("{base}/api/v1/agent/stream"))
+        .bearer_auth(&agent_credential)
+        .send()
+        .await?;
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut next_event = async move || -> Result<(String, serde_json::Value)> {
+        loop {
+            if let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut event = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if !event.is_empty() {
+                    return Ok((event, serde_json::from_str(&data)?));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+                .await
+                .context("no event within 10 s")?
+                .context("the stream ended")??;
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    let (kind, snapshot) = next_event().await?;
+    println!(
+        "  GET /api/v1/agent/stream: `{kind}` at revision {}, {} attacker entries, mode {}",
+        snapshot["revision"],
+        snapshot["attackers"].as_array().map_or(0, Vec::len),
+        snapshot["policy"]["mode"]
+    );
+
+    heading(
+        style,
+        15,
+        &format!("mirage-server reports an SSH brute force from {ATTACKER_V4}"),
+    );
+    let at =
+        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
+    let verdicts = serde_json::json!({ "verdicts": [{
+        "id": "demo-1", "addr": ATTACKER_V4.to_string(), "rule": "sshd-failed-password",
+        "service": "sshd", "severity": "high", "action": "drop", "count": 6, "at": at,
+        "evidence": [
+            format!("sshd[4121]: Failed password for root from {ATTACKER_V4} port 50022 ssh2"),
+            format!("sshd[4121]: Failed password for root from {ATTACKER_V4} port 50022 ssh2"),
+            format!("sshd[4125]: Invalid user admin from {ATTACKER_V4} port 50030"),
+            format!("sshd[4125]: Failed password for invalid user admin from {ATTACKER_V4} port 50030 ssh2"),
+        ],
+    }]});
+    let sent = std::time::Instant::now();
+    let post_verdicts = || {
+        http.post(format!("{base}/api/v1/verdicts"))
+            .bearer_auth(&server_credential)
+            .json(&verdicts)
+            .send()
+    };
+    let answer: serde_json::Value = post_verdicts().await?.json().await?;
+    println!("  POST /api/v1/verdicts (service credential): {answer}");
+    let (kind, delta) = next_event().await?;
+    let took = sent.elapsed();
+    println!(
+        "  The agent's stream got `{kind}` revision {}: {} {} {} after {:.1} ms",
+        delta["revision"],
+        delta["op"],
+        delta["net"],
+        delta["action"],
+        took.as_secs_f64() * 1000.0
+    );
+    checks.expect(
+        kind == "delta" && delta["net"] == format!("{ATTACKER_V4}/32"),
+        "the verdict reaches the agent's stream as a delta for the attacker",
+    );
+    let again: serde_json::Value = post_verdicts().await?.json().await?;
+    println!("  The same batch again (a retry): {again}");
+    checks.expect(
+        again["accepted"] == 0 && again["duplicates"] == 1,
+        "a retried verdict batch is stored once",
+    );
+
+    heading(
+        style,
+        16,
+        "Applied to the kernel map; the attacker is dropped, the legitimate client is not",
+    );
+    println!(
+        "  (Until the agent's own policy sync lands, the demo applies the delta with the CLI.)"
+    );
+    let net = delta["net"].as_str().context("delta without net")?;
+    println!("  $ mirage-agent block {net}");
+    agent.cli(&["block", net]).context("mirage-agent block")?;
+    probe_all(style, checks, &lab.legit, "legit", echo_addr, true)?;
+    probe_all(style, checks, &lab.attacker, "attacker", echo_addr, false)?;
+
+    heading(
+        style,
+        17,
+        "The evidence, as the web UI's attacker page shows it",
+    );
+    let attackers: serde_json::Value = http
+        .get(format!("{base}/api/v1/attackers?q={ATTACKER_V4}"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = attackers[0]["id"].as_i64().context("no attacker entry")?;
+    let page: serde_json::Value = http
+        .get(format!("{base}/api/v1/attackers/{id}"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let a = &page["attacker"];
+    println!(
+        "  attacker {}: action {}, rule {}, evidence {}, expires {}, reported by {}",
+        a["net"], a["action"], a["rule"], a["evidence_count"], a["expires_at"], a["reported_by"]
+    );
+    for line in page["detections"][0]["evidence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!("    | {}", line.as_str().unwrap_or_default());
+    }
+    println!("  Web UI: {base}/ (while the manager runs; log in as admin).");
+    checks.expect(
+        page["detections"].as_array().is_some_and(|d| d.len() == 1),
+        "the attacker page joins the detection and its evidence lines",
+    );
+    Ok(())
 }
 
 /// Act 1: the firewall.
