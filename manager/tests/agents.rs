@@ -15,46 +15,11 @@ use axum::{
 use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Login, PASSWORD, Reply, bearer, call, request};
-use manager::{
-    app,
-    auth::{Role, password},
-    db,
-    test_util::TestDb,
-};
+use common::{Login, Reply, add_user, bearer, call, login, request};
+use manager::{app, auth::Role, db, test_util::TestDb};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
-
-async fn login(app: &Router, username: &str) -> Login {
-    let req = request(
-        Method::POST,
-        "/api/v1/login",
-        Some(&json!({ "username": username, "password": PASSWORD })),
-    );
-    let resp = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let cookie = resp.headers()[header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body: Value = serde_json::from_slice(&bytes).unwrap();
-    Login {
-        cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
-
-async fn add_user(pool: &PgPool, username: &str, role: Role) {
-    let hash = password::hash(PASSWORD).unwrap();
-    db::users::insert(pool, username, &hash, role)
-        .await
-        .unwrap();
-}
 
 /// A fresh database with an admin, an operator and a viewer, the app over it, and their logins.
 struct Setup {

@@ -27,28 +27,25 @@ use axum::{
     routing::post,
 };
 use hmac::{Hmac, Mac as _};
-use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Login, PASSWORD, Reply, bearer, call, request};
+use common::{Login, Reply, add_user, bearer, call, login, request};
 use manager::{
     alerts::{
         dispatch::{self, DispatchOptions, Pass},
         send::Sender,
     },
     app,
-    auth::{Role, password},
-    db,
+    auth::Role,
     test_util::TestDb,
 };
 use serde_json::{Value, json};
 use sha2::Sha256;
-use sqlx::{Connection as _, PgPool};
+use sqlx::Connection as _;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::TcpListener,
 };
-use tower::ServiceExt as _;
 
 // Receivers ---------------------------------------------------------------------------------------
 
@@ -246,36 +243,6 @@ async fn webhook(
 }
 
 // Manager side ------------------------------------------------------------------------------------
-
-async fn login(app: &Router, username: &str) -> Login {
-    let req = request(
-        Method::POST,
-        "/api/v1/login",
-        Some(&json!({ "username": username, "password": PASSWORD })),
-    );
-    let resp = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let cookie = resp.headers()[header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let body: Value = serde_json::from_slice(&bytes).unwrap();
-    Login {
-        cookie,
-        csrf: body["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
-
-async fn add_user(pool: &PgPool, username: &str, role: Role) {
-    let hash = password::hash(PASSWORD).unwrap();
-    db::users::insert(pool, username, &hash, role)
-        .await
-        .unwrap();
-}
 
 struct Setup {
     db: TestDb,

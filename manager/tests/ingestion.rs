@@ -17,47 +17,16 @@ use axum::{
 };
 mod common;
 
-use common::{Login, PASSWORD, Reply, bearer, call, request};
+use common::{Login, PASSWORD, Reply, add_user, bearer, call, login, request};
 use manager::{
     AppState, app,
-    auth::{Role, new_token, password, token_hash},
+    auth::{Role, new_token, token_hash},
     db,
     test_util::{TestDb, test_config},
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use time::OffsetDateTime;
-
-async fn add_user(pool: &PgPool, username: &str, role: Role) {
-    let hash = password::hash(PASSWORD).unwrap();
-    db::users::insert(pool, username, &hash, role)
-        .await
-        .unwrap();
-}
-
-async fn login(app: &Router, username: &str) -> Login {
-    let reply = call(
-        app,
-        request(
-            Method::POST,
-            "/api/v1/login",
-            Some(&json!({ "username": username, "password": PASSWORD })),
-        ),
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    let cookie = reply.headers[header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    Login {
-        cookie,
-        csrf: reply.body["csrf_token"].as_str().unwrap().to_owned(),
-    }
-}
 
 /// A service credential for a server called `name`.
 async fn service_credential(pool: &PgPool, name: &str) -> String {

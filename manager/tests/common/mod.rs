@@ -12,7 +12,12 @@ use axum::{
     http::{HeaderMap, Method, Request, StatusCode, header},
 };
 use http_body_util::BodyExt as _;
+use manager::{
+    auth::{Role, password},
+    db,
+};
 use serde_json::Value;
+use sqlx::PgPool;
 use tower::ServiceExt as _;
 
 /// A password that passes the manager's length rule.
@@ -80,5 +85,38 @@ impl Login {
         headers.insert(header::COOKIE, self.cookie.parse().unwrap());
         headers.insert("x-csrf-token", self.csrf.parse().unwrap());
         req
+    }
+}
+
+/// Adds a user with [`PASSWORD`].
+pub async fn add_user(pool: &PgPool, username: &str, role: Role) {
+    let hash = password::hash(PASSWORD).unwrap();
+    db::users::insert(pool, username, &hash, role)
+        .await
+        .unwrap();
+}
+
+/// Logs `username` in with [`PASSWORD`].
+pub async fn login(app: &Router, username: &str) -> Login {
+    let reply = call(
+        app,
+        request(
+            Method::POST,
+            "/api/v1/login",
+            Some(&serde_json::json!({ "username": username, "password": PASSWORD })),
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let cookie = reply.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    Login {
+        cookie,
+        csrf: reply.body["csrf_token"].as_str().unwrap().to_owned(),
     }
 }
