@@ -1,0 +1,339 @@
+//! Offline replay: runs a `RuleSet` over log lines and keeps per-source sliding windows.
+//!
+//! Windows: every match is stamped with the line's own timestamp, or, when the line has none,
+//! with the last timestamp seen earlier in the same file. A source is flagged by a rule once
+//! `threshold` of its matches fall within `window` seconds. Matches with no timestamp at all (a
+//! whole `sshd -E` file, which has none) never expire: only line order is known, so the whole
+//! file is one window and the threshold alone decides. Counting is across all files of one scan.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use ipnet::{IpNet, Ipv6Net};
+use serde::Serialize;
+
+use crate::{
+    rules::{Action, Extracted, RuleSet, Severity},
+    timestamp::{Timestamps, format_rfc3339},
+};
+
+/// Lines longer than this are skipped (and counted): no daemon in the packs writes them, and
+/// bounding the line bounds the regex work per line.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// One matching line (`scan --matches`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LineMatch {
+    /// The file as given.
+    pub file: String,
+    /// Line number from 1.
+    pub line: u64,
+    /// The rule's service.
+    pub service: String,
+    /// The rule id.
+    pub rule: String,
+    /// The extracted, normalised address.
+    pub addr: IpAddr,
+    /// The line's timestamp (RFC 3339 UTC), or `None` if the line has none.
+    pub timestamp: Option<String>,
+}
+
+/// One flagged source of one rule (the default `scan` output).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Flagged {
+    /// The source: an address, or an IPv6 prefix when the rule aggregates.
+    pub addr: String,
+    /// The rule's service.
+    pub service: String,
+    /// The rule id.
+    pub rule: String,
+    /// The rule's severity.
+    pub severity: Severity,
+    /// The rule's suggested action.
+    pub action: Action,
+    /// All matches of this source for this rule in the scan.
+    pub count: u64,
+    /// Earliest timestamp among the matches (RFC 3339 UTC), if any had one.
+    pub first: Option<String>,
+    /// Latest timestamp among the matches, if any had one.
+    pub last: Option<String>,
+}
+
+/// Counters of one scan.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Lines read.
+    pub lines: u64,
+    /// Lines with at least one counted match.
+    pub matched: u64,
+    /// Matches whose `addr` did not parse as an address (not counted).
+    pub unparseable: u64,
+    /// Lines longer than `MAX_LINE` (skipped).
+    pub oversized: u64,
+}
+
+#[derive(Debug, Default)]
+struct SourceState {
+    recent: VecDeque<Option<i64>>,
+    count: u64,
+    first: Option<i64>,
+    last: Option<i64>,
+    flagged: bool,
+}
+
+/// A scan in progress: feed files line by line, then read the flagged sources.
+#[derive(Debug)]
+pub struct Scanner<'a> {
+    rules: &'a RuleSet,
+    timestamps: Timestamps,
+    state: HashMap<(usize, IpNet), SourceState>,
+    stats: Stats,
+}
+
+impl<'a> Scanner<'a> {
+    /// A scanner over `rules`.
+    ///
+    /// # Errors
+    ///
+    /// Only if the built-in timestamp patterns fail to compile.
+    pub fn new(rules: &'a RuleSet) -> Result<Self, regex::Error> {
+        Ok(Self {
+            rules,
+            timestamps: Timestamps::new()?,
+            state: HashMap::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Feeds one file's contents; `file` names it in `LineMatch`. Invalid UTF-8 is replaced,
+    /// CR before LF (`sshd -E`) is dropped. Returns the matching lines.
+    pub fn feed(&mut self, file: &str, contents: &[u8]) -> Vec<LineMatch> {
+        let mut out = Vec::new();
+        let mut last_ts: Option<i64> = None;
+        if contents.is_empty() {
+            return out;
+        }
+        // A final newline ends the last line; it does not start an empty one.
+        let body = contents.strip_suffix(b"\n").unwrap_or(contents);
+        for (idx, raw) in body.split(|b| *b == b'\n').enumerate() {
+            self.stats.lines += 1;
+            let line_no = u64::try_from(idx).unwrap_or(u64::MAX).saturating_add(1);
+            if raw.len() > MAX_LINE {
+                self.stats.oversized += 1;
+                continue;
+            }
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let line = String::from_utf8_lossy(raw);
+            let own_ts = self.timestamps.extract(&line);
+            if own_ts.is_some() {
+                last_ts = own_ts;
+            }
+            let ts = own_ts.or(last_ts);
+            let mut counted = false;
+            for m in self.rules.evaluate(&line) {
+                let Extracted::Addr(addr) = m.addr else {
+                    self.stats.unparseable += 1;
+                    tracing::debug!(
+                        file,
+                        line = line_no,
+                        "Address did not parse, line not counted."
+                    );
+                    continue;
+                };
+                counted = true;
+                self.record(m.rule, addr, ts);
+                let rule = &self.rules.rules()[m.rule].config;
+                out.push(LineMatch {
+                    file: file.to_owned(),
+                    line: line_no,
+                    service: rule.service.clone(),
+                    rule: rule.id.clone(),
+                    addr,
+                    timestamp: own_ts.map(format_rfc3339),
+                });
+            }
+            if counted {
+                self.stats.matched += 1;
+            }
+        }
+        out
+    }
+
+    fn record(&mut self, rule_idx: usize, addr: IpAddr, ts: Option<i64>) {
+        let Some(rule) = self.rules.rules().get(rule_idx) else {
+            return;
+        };
+        let rule = &rule.config;
+        let key = source_key(addr, rule.ipv6_prefix);
+        let st = self.state.entry((rule_idx, key)).or_default();
+        st.count += 1;
+        if let Some(t) = ts {
+            // Files are replayed in the order given, so time can go backwards between files.
+            st.first = Some(st.first.map_or(t, |f| f.min(t)));
+            st.last = Some(st.last.map_or(t, |l| l.max(t)));
+        }
+        st.recent.push_back(ts);
+        if let Some(now) = ts {
+            let horizon = now.saturating_sub(i64::try_from(rule.window).unwrap_or(i64::MAX));
+            while st
+                .recent
+                .front()
+                .is_some_and(|t| t.is_some_and(|t| t <= horizon))
+            {
+                st.recent.pop_front();
+            }
+        }
+        let threshold = usize::try_from(rule.threshold).unwrap_or(usize::MAX);
+        if st.recent.len() >= threshold {
+            st.flagged = true;
+        }
+        // Only the last `threshold` matches can matter for the next decision.
+        while st.recent.len() > threshold {
+            st.recent.pop_front();
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The flagged sources, sorted by service, rule and address.
+    pub fn flagged(&self) -> Vec<Flagged> {
+        let mut out: Vec<Flagged> = self
+            .state
+            .iter()
+            .filter(|(_, st)| st.flagged)
+            .filter_map(|((rule_idx, key), st)| {
+                let rule = &self.rules.rules().get(*rule_idx)?.config;
+                Some(Flagged {
+                    addr: display_key(key),
+                    service: rule.service.clone(),
+                    rule: rule.id.clone(),
+                    severity: rule.severity,
+                    action: rule.action,
+                    count: st.count,
+                    first: st.first.map(format_rfc3339),
+                    last: st.last.map(format_rfc3339),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.service, &a.rule, &a.addr).cmp(&(&b.service, &b.rule, &b.addr)));
+        out
+    }
+}
+
+fn source_key(addr: IpAddr, ipv6_prefix: Option<u8>) -> IpNet {
+    match (addr, ipv6_prefix) {
+        (IpAddr::V6(v6), Some(prefix)) => Ipv6Net::new(v6, prefix)
+            .map(|n| IpNet::V6(n.trunc()))
+            .unwrap_or_else(|_| IpNet::from(addr)),
+        _ => IpNet::from(addr),
+    }
+}
+
+fn display_key(key: &IpNet) -> String {
+    if key.prefix_len() == key.max_prefix_len() {
+        key.addr().to_string()
+    } else {
+        key.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PACK: &str = r#"
+[[rule]]
+id = "t-fail"
+service = "t"
+description = "test"
+patterns = ['^(?:\S+ )?FAIL from (?P<addr>\S+)$']
+threshold = 3
+window = 60
+severity = "medium"
+action = "drop"
+
+[[rule]]
+id = "t-agg"
+service = "t"
+description = "test"
+patterns = ['^(?:\S+ )?AGG from (?P<addr>\S+)$']
+threshold = 2
+window = 60
+severity = "low"
+action = "default"
+ipv6_prefix = 64
+"#;
+
+    fn set() -> RuleSet {
+        let mut s = RuleSet::default();
+        s.add_str("t.toml", PACK).unwrap();
+        s
+    }
+
+    #[test]
+    fn flags_at_threshold_within_window_only() {
+        let rules = set();
+        let mut sc = Scanner::new(&rules).unwrap();
+        let log = "2026-11-28T01:00:00Z FAIL from 10.0.0.1\n\
+                   2026-11-28T01:00:50Z FAIL from 10.0.0.1\n\
+                   2026-11-28T01:02:00Z FAIL from 10.0.0.1\n\
+                   2026-11-28T01:00:00Z FAIL from 10.0.0.2\n\
+                   2026-11-28T01:00:01Z FAIL from 10.0.0.2\n\
+                   2026-11-28T01:00:02Z FAIL from ::ffff:10.0.0.2\n";
+        let m = sc.feed("a", log.as_bytes());
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[5].addr.to_string(), "10.0.0.2");
+        let f = sc.flagged();
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].addr, "10.0.0.2");
+        assert_eq!(f[0].count, 3);
+        assert_eq!(f[0].first.as_deref(), Some("2026-11-28T01:00:00Z"));
+        assert_eq!(f[0].last.as_deref(), Some("2026-11-28T01:00:02Z"));
+    }
+
+    #[test]
+    fn untimestamped_lines_use_line_order() {
+        let rules = set();
+        let mut sc = Scanner::new(&rules).unwrap();
+        sc.feed(
+            "e",
+            b"FAIL from fd77::66\r\nFAIL from fd77::66\r\nFAIL from fd77::66\r\n",
+        );
+        let f = sc.flagged();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].addr, "fd77::66");
+        assert_eq!(f[0].first, None);
+        assert_eq!(sc.stats().lines, 3);
+    }
+
+    #[test]
+    fn unparseable_addresses_do_not_count() {
+        let rules = set();
+        let mut sc = Scanner::new(&rules).unwrap();
+        let m = sc.feed(
+            "x",
+            b"FAIL from host.example\nFAIL from 10.0.0.999\nFAIL from 1.2.3.4x\n",
+        );
+        assert!(m.is_empty());
+        assert_eq!(sc.stats().unparseable, 3);
+        assert!(sc.flagged().is_empty());
+    }
+
+    #[test]
+    fn aggregates_ipv6_by_prefix() {
+        let rules = set();
+        let mut sc = Scanner::new(&rules).unwrap();
+        sc.feed(
+            "x",
+            b"AGG from 2001:db8::1\nAGG from 2001:db8::2\nAGG from 10.0.0.1\n",
+        );
+        let f = sc.flagged();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].addr, "2001:db8::/64");
+    }
+}
