@@ -89,6 +89,8 @@ pub struct Scanner<'a> {
     rules: &'a RuleSet,
     timestamps: Timestamps,
     state: HashMap<(usize, IpNet), SourceState>,
+    /// Per rule, the index of the rule it `requires`, resolved once.
+    requires: Vec<Option<usize>>,
     stats: Stats,
 }
 
@@ -99,10 +101,27 @@ impl<'a> Scanner<'a> {
     ///
     /// Only if the built-in timestamp patterns fail to compile.
     pub fn new(rules: &'a RuleSet) -> Result<Self, regex::Error> {
+        let ids: HashMap<&str, usize> = rules
+            .rules()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.config.id.as_str(), i))
+            .collect();
+        let requires = rules
+            .rules()
+            .iter()
+            .map(|r| {
+                r.config
+                    .requires
+                    .as_deref()
+                    .map(|id| ids.get(id).copied().unwrap_or(usize::MAX))
+            })
+            .collect();
         Ok(Self {
             rules,
             timestamps: Timestamps::new()?,
             state: HashMap::new(),
+            requires,
             stats: Stats::default(),
         })
     }
@@ -142,6 +161,9 @@ impl<'a> Scanner<'a> {
                     );
                     continue;
                 };
+                if !self.prerequisite_met(m.rule, addr) {
+                    continue;
+                }
                 counted = true;
                 self.record(m.rule, addr, ts);
                 let rule = &self.rules.rules()[m.rule].config;
@@ -159,6 +181,19 @@ impl<'a> Scanner<'a> {
             }
         }
         out
+    }
+
+    /// Whether a `requires` rule has already flagged this source (true without `requires`).
+    fn prerequisite_met(&self, rule_idx: usize, addr: IpAddr) -> bool {
+        let Some(Some(req)) = self.requires.get(rule_idx) else {
+            return true;
+        };
+        // A required rule missing from the set (impossible after validation) never flags.
+        let Some(req_rule) = self.rules.rules().get(*req) else {
+            return false;
+        };
+        let key = source_key(addr, req_rule.config.ipv6_prefix);
+        self.state.get(&(*req, key)).is_some_and(|st| st.flagged)
     }
 
     fn record(&mut self, rule_idx: usize, addr: IpAddr, ts: Option<i64>) {
@@ -322,6 +357,38 @@ ipv6_prefix = 64
         assert!(m.is_empty());
         assert_eq!(sc.stats().unparseable, 3);
         assert!(sc.flagged().is_empty());
+    }
+
+    #[test]
+    fn requires_counts_only_already_flagged_sources() {
+        let mut rules = set();
+        rules
+            .add_str(
+                "ok.toml",
+                r#"
+[[rule]]
+id = "t-ok-after-fail"
+service = "t"
+description = "login after brute force"
+patterns = ['^(?:\S+ )?OK from (?P<addr>\S+)$']
+threshold = 1
+window = 60
+severity = "critical"
+action = "redirect"
+requires = "t-fail"
+"#,
+            )
+            .unwrap();
+        let mut sc = Scanner::new(&rules).unwrap();
+        let m = sc.feed(
+            "x",
+            b"OK from 10.0.0.1\nFAIL from 10.0.0.1\nFAIL from 10.0.0.2\nFAIL from 10.0.0.1\n\
+              FAIL from 10.0.0.1\nOK from 10.0.0.1\nOK from 10.0.0.2\n",
+        );
+        assert_eq!(m.iter().filter(|m| m.rule == "t-ok-after-fail").count(), 1);
+        let f: Vec<_> = sc.flagged().into_iter().map(|f| (f.rule, f.addr)).collect();
+        assert!(f.contains(&("t-ok-after-fail".to_owned(), "10.0.0.1".to_owned())));
+        assert!(!f.iter().any(|(_, a)| a == "10.0.0.2"));
     }
 
     #[test]

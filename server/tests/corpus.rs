@@ -113,6 +113,34 @@ fn corpus_without_service_recognises_formats_per_line() {
 }
 
 #[test]
+fn corpus_compromise_after_brute_force() {
+    // atk2 (10.77.0.67) cracked test:password1 over ssh (:22, :2223) and ftp (:21, :2121) and
+    // logged in; legitimate users log in after at most one typo and must not match.
+    let set = RuleSet::builtin().unwrap();
+    let mut scanner = Scanner::new(&set).unwrap();
+    for (_, files, _) in &CASES[..2] {
+        for f in *files {
+            let contents = std::fs::read(corpus().join(f)).unwrap();
+            scanner.feed(f, &contents);
+        }
+    }
+    let compromised: BTreeSet<(String, String)> = scanner
+        .flagged()
+        .into_iter()
+        .filter(|f| f.rule.ends_with("-login-after-brute-force"))
+        .map(|f| (f.rule, f.addr))
+        .collect();
+    let want: BTreeSet<(String, String)> = [
+        ("sshd-login-after-brute-force", "10.77.0.67"),
+        ("vsftpd-login-after-brute-force", "10.77.0.67"),
+    ]
+    .iter()
+    .map(|(r, a)| ((*r).to_owned(), (*a).to_owned()))
+    .collect();
+    assert_eq!(compromised, want);
+}
+
+#[test]
 fn corpus_counts_match_the_manifest() {
     // Spot checks against MANIFEST.md's per-address statistics.
     let set = RuleSet::builtin().unwrap();

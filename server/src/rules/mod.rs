@@ -140,6 +140,10 @@ pub struct RuleConfig {
     /// Count IPv6 sources per prefix of this length instead of per address (e.g. 64).
     #[serde(default)]
     pub ipv6_prefix: Option<u8>,
+    /// Only count sources already flagged by this rule (same service, loaded earlier): the
+    /// "success after failures" shape, e.g. a login accepted after a brute force.
+    #[serde(default)]
+    pub requires: Option<String>,
 }
 
 /// A validated rule with compiled patterns.
@@ -206,6 +210,26 @@ impl RuleSet {
             let rule = Rule::new(file, config)?;
             if !ids.insert(rule.config.id.clone()) {
                 return Err(invalid(file, &rule.config.id, "duplicate rule id".into()));
+            }
+            if let Some(req) = &rule.config.requires {
+                let target = self.rules.iter().chain(&new).find(|r| &r.config.id == req);
+                match target {
+                    None => {
+                        return Err(invalid(
+                            file,
+                            &rule.config.id,
+                            format!("requires unknown rule {req:?} (it must be loaded earlier)"),
+                        ));
+                    }
+                    Some(t) if t.config.service != rule.config.service => {
+                        return Err(invalid(
+                            file,
+                            &rule.config.id,
+                            format!("requires rule {req:?} of another service"),
+                        ));
+                    }
+                    Some(_) => {}
+                }
             }
             new.push(rule);
         }

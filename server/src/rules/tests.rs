@@ -95,9 +95,15 @@ fn sshd_other_rules() {
         "2026-11-28T01:59:20.1+00:00 vm sshd[2]: banner exchange: Connection from 10.77.0.66 port 5: invalid format",
         &[("sshd-banner-probe", "10.77.0.66")],
     );
+    // Accepted logins match the compromise rule; the scanner counts them only for sources
+    // already flagged by `sshd-failed-password` (`requires`).
     assert_hits(
-        "Accepted password for alice from 10.77.0.20 port 36498 ssh2",
-        &[],
+        "Accepted password for test from 10.77.0.67 port 36498 ssh2",
+        &[("sshd-login-after-brute-force", "10.77.0.67")],
+    );
+    assert_hits(
+        "2026-11-28T01:59:18.240176+00:00 vm sshd[22136]: Accepted publickey for bob from fd77::20 port 41054 ssh2: ED25519 SHA256:x",
+        &[("sshd-login-after-brute-force", "fd77::20")],
     );
 }
 
@@ -140,6 +146,10 @@ fn vsftpd_all_forms() {
     assert_hits(
         "Sat Nov 28 01:59:22 2026 [pid 22296] [alice] OK UPLOAD: Client \"::ffff:10.77.0.20\", \"/home/alice/report.txt\", 17 bytes, 38.70Kbyte/sec",
         &[],
+    );
+    assert_hits(
+        "2026-11-28T01:59:22.972112+00:00 vm vsftpd[22318]: [bob] OK LOGIN: Client \"fd77::20\"",
+        &[("vsftpd-login-after-brute-force", "fd77::20")],
     );
     assert_hits(
         "Sat Nov 28 01:59:19 2026 [pid 22247] [alice] FTP command: Client \"::ffff:10.77.0.20\", \"PASS <password>\"",
@@ -400,6 +410,20 @@ fn validation_names_file_and_rule() {
     assert!(e.contains("urgent"), "{e}");
     let e = load_err(&GOOD.replace("patterns = ['FAIL (?P<addr>\\S+)']", "patterns = []"));
     assert!(e.contains("patterns"), "{e}");
+    let e = load_err(&GOOD.replace(
+        "action = \"drop\"",
+        "action = \"drop\"\nrequires = \"nope\"",
+    ));
+    assert!(e.contains("nope") && e.contains("x-fail"), "{e}");
+    let other = GOOD
+        .replace("x-fail", "y-ok")
+        .replace("service = \"x\"", "service = \"y\"")
+        .replace(
+            "action = \"drop\"",
+            "action = \"drop\"\nrequires = \"x-fail\"",
+        );
+    let e = load_err(&format!("{GOOD}{other}"));
+    assert!(e.contains("another service"), "{e}");
     let e = load_err(&format!("{GOOD}{GOOD}"));
     assert!(e.contains("duplicate"), "{e}");
     // Ids must be unique across files too.
