@@ -392,6 +392,54 @@ requires = "t-fail"
     }
 
     #[test]
+    fn feed_survives_hostile_files() {
+        // Deterministic pseudo-random files (xorshift): arbitrary bytes, CR/LF soup, real
+        // prefixes with random tails, and a line over MAX_LINE, through the built-in packs.
+        let rules = RuleSet::builtin().unwrap();
+        let mut sc = Scanner::new(&rules).unwrap();
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let prefixes: [&[u8]; 4] = [
+            b"Failed password for x from ",
+            b"2026/11/28 01:59:23 [1] auth failed on module m from h (",
+            b"10.0.0.1 - - [28/Nov/2026:02:02:39 +0000] \"GET /",
+            b"1795831163.6 [0 ",
+        ];
+        for round in 0..200u64 {
+            let mut file = Vec::new();
+            for i in 0..50 {
+                if i % 3 == 0 {
+                    file.extend_from_slice(prefixes[i % prefixes.len()]);
+                }
+                for _ in 0..next() % 120 {
+                    let b = u8::try_from(next() % 256).unwrap();
+                    file.push(if round % 2 == 0 && b % 5 == 0 {
+                        b'\n'
+                    } else {
+                        b
+                    });
+                }
+                file.push(b'\n');
+            }
+            sc.feed("fuzz", &file);
+        }
+        let lines_before = sc.stats().lines;
+        let mut big = vec![b'a'; MAX_LINE + 1];
+        big.extend_from_slice(b"\nFailed password for x from 10.0.0.9 port 1 ssh2\r\n");
+        let m = sc.feed("big", &big);
+        assert_eq!(sc.stats().oversized, 1);
+        assert_eq!(sc.stats().lines, lines_before + 2);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].line, 2);
+        assert!(sc.feed("empty", b"").is_empty());
+    }
+
+    #[test]
     fn aggregates_ipv6_by_prefix() {
         let rules = set();
         let mut sc = Scanner::new(&rules).unwrap();
