@@ -1,13 +1,13 @@
 //! `mirage-server`: see the library documentation. `main` only parses flags and prints.
 
 use std::{
-    io::{BufWriter, IsTerminal, Write},
+    io::{BufWriter, IsTerminal, Read, Write},
     path::PathBuf,
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use server::{RuleSet, Scanner};
+use server::{RuleSet, Scanner, timestamp::Timestamps};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// Attack detection over service logs.
@@ -35,7 +35,10 @@ enum Command {
         /// Print one JSON line per matching log line instead of one per flagged source.
         #[arg(long)]
         matches: bool,
-        /// Log files to replay.
+        /// Year assumed for RFC 3164 syslog timestamps, which carry none (default: this year).
+        #[arg(long, value_name = "YEAR")]
+        year: Option<i64>,
+        /// Log files to replay; `-` reads standard input.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         no_builtin,
         service,
         matches,
+        year,
         files,
     } = Cli::parse().command;
 
@@ -77,12 +81,24 @@ fn main() -> anyhow::Result<()> {
         bail!("no rules loaded; check --service and --rules (try without --service)");
     }
 
-    let mut scanner = Scanner::new(&set).context("compiling timestamp formats")?;
+    let timestamps = match year {
+        Some(y) => Timestamps::with_year(y),
+        None => Timestamps::new(),
+    }
+    .context("compiling timestamp formats")?;
+    let mut scanner = Scanner::with_timestamps(&set, timestamps);
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for file in &files {
-        let contents =
-            std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let contents = if file.as_os_str() == "-" {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading standard input")?;
+            buf
+        } else {
+            std::fs::read(file).with_context(|| format!("reading {}", file.display()))?
+        };
         let found = scanner.feed(&file.display().to_string(), &contents);
         if matches {
             for m in found {

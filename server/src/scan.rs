@@ -101,6 +101,11 @@ impl<'a> Scanner<'a> {
     ///
     /// Only if the built-in timestamp patterns fail to compile.
     pub fn new(rules: &'a RuleSet) -> Result<Self, regex::Error> {
+        Ok(Self::with_timestamps(rules, Timestamps::new()?))
+    }
+
+    /// A scanner with its own timestamp recogniser (e.g. a fixed year for RFC 3164 lines).
+    pub fn with_timestamps(rules: &'a RuleSet, timestamps: Timestamps) -> Self {
         let ids: HashMap<&str, usize> = rules
             .rules()
             .iter()
@@ -117,13 +122,13 @@ impl<'a> Scanner<'a> {
                     .map(|id| ids.get(id).copied().unwrap_or(usize::MAX))
             })
             .collect();
-        Ok(Self {
+        Self {
             rules,
-            timestamps: Timestamps::new()?,
+            timestamps,
             state: HashMap::new(),
             requires,
             stats: Stats::default(),
-        })
+        }
     }
 
     /// Feeds one file's contents; `file` names it in `LineMatch`. Invalid UTF-8 is replaced,

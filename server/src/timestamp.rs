@@ -11,6 +11,8 @@ use regex::{Captures, Regex};
 #[derive(Debug)]
 pub struct Timestamps {
     formats: Vec<Regex>,
+    /// Year for RFC 3164 lines, which carry none (`Nov 28 01:59:16 host prog[pid]: ...`).
+    year: i64,
 }
 
 const MONTHS: &str = "Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec";
@@ -22,6 +24,15 @@ impl Timestamps {
     ///
     /// Only if a built-in pattern does not compile, which the unit tests rule out.
     pub fn new() -> Result<Self, regex::Error> {
+        Self::with_year(current_year())
+    }
+
+    /// Like `new`, with the year assumed for RFC 3164 lines (which carry none) given.
+    ///
+    /// # Errors
+    ///
+    /// As `new`.
+    pub fn with_year(year: i64) -> Result<Self, regex::Error> {
         let rfc3339 = r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})T(?P<h>\d{2}):(?P<mi>\d{2}):(?P<s>\d{2})(?:\.\d{1,9})?(?P<off>Z|[+-]\d{2}:?\d{2})";
         let patterns = [
             // rsyslog RFC 3339 file template, and RFC 5424 without the PRI.
@@ -40,6 +51,9 @@ impl Timestamps {
             r"^(?P<epoch>\d{9,11})\.\d+ \[".to_owned(),
             // MariaDB general log: `261128  2:00:20	     4 Connect ...`
             r"^(?P<yy>\d{2})(?P<mo>\d{2})(?P<d>\d{2}) +(?P<h>\d{1,2}):(?P<mi>\d{2}):(?P<s>\d{2})\s".to_owned(),
+            // RFC 3164 / traditional rsyslog file format: `Nov 28 01:59:16 host prog[pid]: `.
+            // No year: `with_year`'s (the current one by default).
+            format!(r"^(?P<mon>{MONTHS}) +(?P<d>\d{{1,2}}) (?P<h>\d{{2}}):(?P<mi>\d{{2}}):(?P<s>\d{{2}}) \S+ "),
             // nginx/Apache combined: `10.77.0.67 - - [28/Nov/2026:02:02:39 +0000] ...`
             format!(r"^\S+ \S+ \S+ \[(?P<d>\d{{2}})/(?P<mon>{MONTHS})/(?P<y>\d{{4}}):(?P<h>\d{{2}}):(?P<mi>\d{{2}}):(?P<s>\d{{2}}) (?P<off>[+-]\d{{4}})\]"),
         ];
@@ -47,7 +61,7 @@ impl Timestamps {
             .iter()
             .map(|p| Regex::new(p))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { formats })
+        Ok(Self { formats, year })
     }
 
     /// The line's timestamp in Unix seconds, or `None` if no known format matches or the
@@ -56,7 +70,7 @@ impl Timestamps {
         self.formats
             .iter()
             .find_map(|re| re.captures(line))
-            .and_then(|c| from_captures(&c))
+            .and_then(|c| from_captures(&c, self.year))
     }
 }
 
@@ -64,13 +78,16 @@ fn num(c: &Captures<'_>, name: &str) -> Option<i64> {
     c.name(name).and_then(|m| m.as_str().parse().ok())
 }
 
-fn from_captures(c: &Captures<'_>) -> Option<i64> {
+fn from_captures(c: &Captures<'_>, default_year: i64) -> Option<i64> {
     if let Some(epoch) = num(c, "epoch") {
         return Some(epoch);
     }
     let year = match num(c, "y") {
         Some(y) => y,
-        None => 2000 + num(c, "yy")?,
+        None => match num(c, "yy") {
+            Some(yy) => 2000 + yy,
+            None => default_year,
+        },
     };
     let month = match num(c, "mo") {
         Some(m) => m,
@@ -95,6 +112,17 @@ fn from_captures(c: &Captures<'_>) -> Option<i64> {
         }
     };
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec - offset)
+}
+
+/// The current UTC year from the system clock (1970 if the clock is before the epoch).
+fn current_year() -> i64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    format_rfc3339(secs)
+        .get(..4)
+        .and_then(|y| y.parse().ok())
+        .unwrap_or(1970)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`,
@@ -137,7 +165,7 @@ mod tests {
 
     #[test]
     fn every_corpus_format_gives_the_same_instant() {
-        let ts = Timestamps::new().unwrap();
+        let ts = Timestamps::with_year(2026).unwrap();
         let want = "2026-11-28T01:59:23Z";
         for line in [
             "2026-11-28T01:59:23.860166+00:00 vm sshd[22124]: Failed password",
@@ -151,10 +179,23 @@ mod tests {
             "261128  1:59:23\t     4 Connect\tapp@10.77.0.20 on shop using TCP/IP",
             "10.77.0.67 - - [28/Nov/2026:01:59:23 +0000] \"GET / HTTP/1.1\" 200 1 \"-\" \"-\"",
             "{\"t\":{\"$date\":\"2026-11-28T01:59:23.860+00:00\"},\"s\":\"I\"}",
+            "Nov 28 01:59:23 vm sshd[22124]: Failed password for alice from 10.77.0.20 port 1 ssh2",
         ] {
             let got = ts.extract(line).map(format_rfc3339);
             assert_eq!(got.as_deref(), Some(want), "{line}");
         }
+    }
+
+    #[test]
+    fn rfc3164_year_defaults_to_the_current_one() {
+        let now = Timestamps::new().unwrap();
+        let got = now
+            .extract("Jan  2 03:04:05 vm sshd[1]: x")
+            .map(format_rfc3339);
+        assert_eq!(
+            got.map(|t| t.get(..4).unwrap() == format!("{}", current_year())),
+            Some(true)
+        );
     }
 
     #[test]

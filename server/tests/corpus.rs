@@ -280,3 +280,43 @@ action = "redirect"
     assert!(stderr.contains("zz-bad.toml"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn binary_reads_stdin_and_windows_rfc3164_lines() {
+    use std::{io::Write, process::Stdio};
+    // Five failures 5 minutes apart never fit the 10-minute window; five in one minute do.
+    let mut log = String::new();
+    for i in 0..5 {
+        log.push_str(&format!(
+            "Nov 28 0{i}:00:00 vm sshd[1]: Failed password for root from 192.0.2.1 port 22 ssh2\n"
+        ));
+        log.push_str(&format!(
+            "Nov 28 05:00:0{i} vm sshd[2]: Failed password for root from 192.0.2.2 port 22 ssh2\n"
+        ));
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mirage-server"))
+        .args(["scan", "--service", "sshd", "--year", "2026", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(log.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!stdout.contains("192.0.2.1"), "{stdout}");
+    assert!(
+        stdout.contains(r#""addr":"192.0.2.2","service":"sshd","rule":"sshd-failed-password""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#""first":"2026-11-28T05:00:00Z""#),
+        "{stdout}"
+    );
+}

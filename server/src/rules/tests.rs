@@ -340,6 +340,14 @@ fn web_rules() {
             ("web-404-burst", "10.77.0.67"),
         ],
     );
+    // Apache escapes quotes inside fields as `\"`; the fields still line up.
+    assert_hits(
+        "10.77.0.67 - - [28/Nov/2026:02:03:00 +0000] \"GET /a\\\"b HTTP/1.1\" 404 1 \"-\" \"Mozilla/5.0 \\\"x\\\" Nikto/2.5.0\"",
+        &[
+            ("web-scanner-user-agent", "10.77.0.67"),
+            ("web-404-burst", "10.77.0.67"),
+        ],
+    );
     // Legitimate browsing.
     assert_hits(
         &format!(
