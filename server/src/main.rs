@@ -120,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         matched = s.matched,
         unparseable = s.unparseable,
         oversized = s.oversized,
+        unresolved = s.unresolved,
         "Scan finished."
     );
     Ok(())

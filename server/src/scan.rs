@@ -5,6 +5,11 @@
 //! `threshold` of its matches fall within `window` seconds. Matches with no timestamp at all (a
 //! whole `sshd -E` file, which has none) never expire: only line order is known, so the whole
 //! file is one window and the threshold alone decides. Counting is across all files of one scan.
+//!
+//! Sessions: a line that names only a pid, thread or connection id (rsyncd's `[pid] ERROR: module
+//! is read only`, a MariaDB general-log `Query`, a MongoDB `connN` line) gets the address that an
+//! earlier line of the same file and service bound to that id (a rule match that captured both
+//! `addr` and `session`). Unbound ids are counted as unresolved and do not count.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -72,6 +77,8 @@ pub struct Stats {
     pub unparseable: u64,
     /// Lines longer than `MAX_LINE` (skipped).
     pub oversized: u64,
+    /// Matches naming a session no earlier line of the file bound to an address (not counted).
+    pub unresolved: u64,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +143,9 @@ impl<'a> Scanner<'a> {
     pub fn feed(&mut self, file: &str, contents: &[u8]) -> Vec<LineMatch> {
         let mut out = Vec::new();
         let mut last_ts: Option<i64> = None;
+        // Session (pid, thread or connection id) to address, per service, for this file only:
+        // ids are reused across daemons and restarts, so the latest binding wins.
+        let mut sessions: HashMap<(String, String), IpAddr> = HashMap::new();
         if contents.is_empty() {
             return out;
         }
@@ -156,15 +166,34 @@ impl<'a> Scanner<'a> {
             }
             let ts = own_ts.or(last_ts);
             let mut counted = false;
-            for m in self.rules.evaluate(&line) {
-                let Extracted::Addr(addr) = m.addr else {
-                    self.stats.unparseable += 1;
-                    tracing::debug!(
-                        file,
-                        line = line_no,
-                        "Address did not parse, line not counted."
-                    );
-                    continue;
+            let matches = self.rules.evaluate(&line);
+            for m in &matches {
+                if let (Extracted::Addr(addr), Some(session)) = (&m.addr, &m.session) {
+                    let service = self.rules.rules()[m.rule].config.service.clone();
+                    sessions.insert((service, session.clone()), *addr);
+                }
+            }
+            for m in matches {
+                let addr = match m.addr {
+                    Extracted::Addr(addr) => addr,
+                    Extracted::Unparseable => {
+                        self.stats.unparseable += 1;
+                        tracing::debug!(
+                            file,
+                            line = line_no,
+                            "Address did not parse, line not counted."
+                        );
+                        continue;
+                    }
+                    Extracted::Session(id) => {
+                        let service = self.rules.rules()[m.rule].config.service.clone();
+                        if let Some(addr) = sessions.get(&(service, id)) {
+                            *addr
+                        } else {
+                            self.stats.unresolved += 1;
+                            continue;
+                        }
+                    }
                 };
                 if !self.prerequisite_met(m.rule, addr) {
                     continue;
@@ -442,6 +471,48 @@ requires = "t-fail"
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].line, 2);
         assert!(sc.feed("empty", b"").is_empty());
+    }
+
+    #[test]
+    fn sessions_resolve_through_an_earlier_binding_in_the_same_file() {
+        let rules = RuleSet::builtin().unwrap();
+        let mut sc = Scanner::new(&rules).unwrap();
+        let mongo = |ctx: &str, rest: &str| {
+            format!(
+                r#"{{"t":{{"$date":"2026-11-28T01:59:16.860+00:00"}},"s":"I","c":"{ctx}",{rest}}}"#
+            )
+        };
+        let accepted = mongo(
+            "NETWORK",
+            r#""id":22943,"ctx":"listener","msg":"Connection accepted","attr":{"remote":"[fd77::66]:50210","uuid":"x","connectionId":7,"connectionCount":1}"#,
+        );
+        let denied = |conn: u32| {
+            mongo(
+                "ACCESS",
+                &format!(
+                    r#""id":20436,"ctx":"conn{conn}","msg":"Checking authorization failed","attr":{{"error":{{"code":13}}}}"#
+                ),
+            )
+        };
+        let log = format!(
+            "{}\n{accepted}\n{}\n{}\n{}\n",
+            denied(7),
+            denied(7),
+            denied(8),
+            denied(7)
+        );
+        let m = sc.feed("mongod.log", log.as_bytes());
+        let unauth: Vec<_> = m
+            .iter()
+            .filter(|m| m.rule == "mongodb-unauthorized-command")
+            .collect();
+        assert_eq!(unauth.len(), 2);
+        assert!(unauth.iter().all(|m| m.addr.to_string() == "fd77::66"));
+        // conn7 before its binding and conn8 never bound.
+        assert_eq!(sc.stats().unresolved, 2);
+        // Bindings do not leak into the next file.
+        sc.feed("other.log", format!("{}\n", denied(7)).as_bytes());
+        assert_eq!(sc.stats().unresolved, 3);
     }
 
     #[test]

@@ -163,6 +163,9 @@ pub enum Extracted {
     Addr(IpAddr),
     /// The pattern matched but its `addr` text is not an address (the line does not count).
     Unparseable,
+    /// The pattern has no `addr` but a `session` (a pid, thread or connection id): the address
+    /// is the one an earlier line of the same file and service bound to that session.
+    Session(String),
 }
 
 /// A rule that matched a line.
@@ -172,6 +175,9 @@ pub struct Match {
     pub rule: usize,
     /// The extracted address.
     pub addr: Extracted,
+    /// The `session` capture, if the pattern has one. With a parsed address it binds the
+    /// session to that address for later lines.
+    pub session: Option<String>,
 }
 
 /// All loaded rules.
@@ -290,7 +296,13 @@ impl RuleSet {
         self.rules
             .iter()
             .enumerate()
-            .filter_map(|(idx, rule)| rule.extract(line).map(|addr| Match { rule: idx, addr }))
+            .filter_map(|(idx, rule)| {
+                rule.extract(line).map(|(addr, session)| Match {
+                    rule: idx,
+                    addr,
+                    session,
+                })
+            })
             .collect()
     }
 }
@@ -335,11 +347,16 @@ impl Rule {
                 index,
                 source: Box::new(e),
             })?;
-            if !re.capture_names().any(|n| n == Some("addr")) {
+            if !re
+                .capture_names()
+                .any(|n| n == Some("addr") || n == Some("session"))
+            {
                 return Err(invalid(
                     file,
                     &id,
-                    format!("pattern {index} has no named capture `(?P<addr>...)`"),
+                    format!(
+                        "pattern {index} has no named capture `(?P<addr>...)` (or `(?P<session>...)`)"
+                    ),
                 ));
             }
             patterns.push(re);
@@ -351,15 +368,19 @@ impl Rule {
         })
     }
 
-    /// The address this rule extracts from a line, if any pattern matches.
-    pub fn extract(&self, line: &str) -> Option<Extracted> {
+    /// The address (and session) this rule extracts from a line, if any pattern matches.
+    pub fn extract(&self, line: &str) -> Option<(Extracted, Option<String>)> {
         let caps = self.patterns.iter().find_map(|re| re.captures(line))?;
-        Some(
-            match caps.name("addr").and_then(|m| parse_addr(m.as_str())) {
+        let session = caps.name("session").map(|m| m.as_str().to_owned());
+        let addr = match (caps.name("addr"), &session) {
+            (Some(m), _) => match parse_addr(m.as_str()) {
                 Some(ip) => Extracted::Addr(ip),
                 None => Extracted::Unparseable,
             },
-        )
+            (None, Some(id)) => Extracted::Session(id.clone()),
+            (None, None) => Extracted::Unparseable,
+        };
+        Some((addr, session))
     }
 }
 

@@ -15,6 +15,7 @@ fn hits(set: &RuleSet, line: &str) -> Vec<(String, String)> {
             let addr = match m.addr {
                 Extracted::Addr(a) => a.to_string(),
                 Extracted::Unparseable => "?".to_owned(),
+                Extracted::Session(id) => format!("session:{id}"),
             };
             (set.rules()[m.rule].config.id.clone(), addr)
         })
@@ -182,6 +183,18 @@ fn rsync_rules() {
         "2026/11/28 01:59:23 [22373] recv UNKNOWN [10.77.0.20] backup (backup) legit-report.txt 17",
         &[("rsync-mass-recv", "10.77.0.20")],
     );
+    assert_hits(
+        "2026/11/28 01:59:40 [23030] connect from UNKNOWN (10.77.0.66)",
+        &[("rsync-connection-flood", "10.77.0.66")],
+    );
+    assert_hits(
+        "2026/11/28 01:59:40 [23030] ERROR: module is read only",
+        &[("rsync-readonly-upload", "session:23030")],
+    );
+    assert_hits(
+        "2026-11-28T01:59:40.1+00:00 vm rsyncd[23030]: ERROR: module is read only",
+        &[("rsync-readonly-upload", "session:23030")],
+    );
     // A reverse name with a space cannot smuggle a second address.
     assert_hits(
         "2026/11/28 01:59:23 [1] auth failed on module backup from evil (10.77.0.20) (10.77.0.66) for x: password mismatch",
@@ -204,6 +217,34 @@ fn mysql_rules() {
         "2026-11-28  2:00:15 3 [Warning] Aborted connection 3 to db: 'unconnected' user: 'unauthenticated' host: '10.77.0.66' (This connection closed normally without authentication)",
         &[("mysql-aborted-unauthenticated", "10.77.0.66")],
     );
+    assert_hits(
+        "261128  2:00:20\t     4 Connect\tapp@10.77.0.20 on shop using TCP/IP",
+        &[("mysql-connection-flood", "10.77.0.20")],
+    );
+    assert_hits(
+        "261128  1:58:02\t     3 Connect\troot@localhost on  using Socket",
+        &[],
+    );
+    for stmt in [
+        "SELECT '<?php system($_GET[1]); ?>' INTO OUTFILE '/var/www/html/s.php'",
+        "select load_file('/etc/passwd')",
+        "SELECT name FROM products WHERE id=1 UNION ALL SELECT user()",
+        "CREATE FUNCTION sys_exec RETURNS int SONAME 'lib_mysqludf_sys.so'",
+        "SELECT user, authentication_string FROM mysql.user",
+    ] {
+        assert_hits(
+            &format!("\t\t     5 Query\t{stmt}"),
+            &[("mysql-suspicious-statement", "session:5")],
+        );
+    }
+    for stmt in [
+        "SELECT * FROM products",
+        "INSERT INTO orders (product_id, qty) VALUES (1, 2)",
+        "UPDATE products SET price=9.49 WHERE id=1",
+        "GRANT SELECT,INSERT,UPDATE ON shop.* TO 'app'@'%'",
+    ] {
+        assert_hits(&format!("\t\t     5 Query\t{stmt}"), &[]);
+    }
     // Host names (skip-name-resolve off) are not addresses: matched but not counted.
     assert_hits(
         "\t\t     4 Connect\tAccess denied for user 'app'@'db.example' (using password: YES)",
@@ -268,6 +309,17 @@ fn mongodb_rules() {
     assert_hits(
         r#"{"t":{"$date":"2026-11-28T01:59:16.860+00:00"},"s":"I",  "c":"NETWORK",  "id":22943,   "ctx":"listener","msg":"Connection accepted","attr":{"remote":"10.77.0.67:50210","uuid":"2b0b4c55-5c1e-4c8e-9a51-0f6bd8e9b2c1","connectionId":5,"connectionCount":1}}"#,
         &[("mongodb-connection-flood", "10.77.0.67")],
+    );
+    assert_eq!(
+        builtin()
+            .evaluate(r#"{"t":{"$date":"2026-11-28T01:59:16.860+00:00"},"s":"I",  "c":"NETWORK",  "id":22943,   "ctx":"listener","msg":"Connection accepted","attr":{"remote":"10.77.0.67:50210","uuid":"x","connectionId":5,"connectionCount":1}}"#)[0]
+            .session
+            .as_deref(),
+        Some("5"),
+    );
+    assert_hits(
+        r#"{"t":{"$date":"2026-11-28T01:59:17.000+00:00"},"s":"I",  "c":"ACCESS",   "id":20436,   "ctx":"conn5","msg":"Checking authorization failed","attr":{"error":{"code":13,"codeName":"Unauthorized","errmsg":"command listDatabases requires authentication"}}}"#,
+        &[("mongodb-unauthorized-command", "session:5")],
     );
     // A client-chosen user name is JSON-escaped and cannot forge the `remote` field.
     assert_hits(
