@@ -29,14 +29,12 @@ use axum::{
 use hmac::{Hmac, Mac as _};
 mod common;
 
-use common::{Login, Reply, add_user, bearer, call, login, request};
+use common::{Login, Reply, Users, bearer, call, request, users};
 use manager::{
     alerts::{
         dispatch::{self, DispatchOptions, Pass},
         send::Sender,
     },
-    app,
-    auth::Role,
     test_util::TestDb,
 };
 use serde_json::{Value, json};
@@ -255,14 +253,13 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let db = TestDb::new().await;
-    add_user(&db.pool, "root", Role::Admin).await;
-    add_user(&db.pool, "oper", Role::Operator).await;
-    add_user(&db.pool, "view", Role::Viewer).await;
-    let app = app(db.state());
-    let admin = login(&app, "root").await;
-    let oper = login(&app, "oper").await;
-    let view = login(&app, "view").await;
+    let Users {
+        db,
+        app,
+        admin,
+        oper,
+        view,
+    } = users().await;
     let options = DispatchOptions {
         poll: Duration::from_secs(1),
         send_timeout: Duration::from_secs(2),

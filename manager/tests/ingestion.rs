@@ -17,10 +17,10 @@ use axum::{
 };
 mod common;
 
-use common::{Login, PASSWORD, Reply, add_user, bearer, call, login, request};
+use common::{Login, PASSWORD, Reply, Users, bearer, call, request, users};
 use manager::{
     AppState, app,
-    auth::{Role, new_token, token_hash},
+    auth::{new_token, token_hash},
     db,
     test_util::{TestDb, test_config},
 };
@@ -49,14 +49,13 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let db = TestDb::new().await;
-    add_user(&db.pool, "root", Role::Admin).await;
-    add_user(&db.pool, "oper", Role::Operator).await;
-    add_user(&db.pool, "view", Role::Viewer).await;
-    let app = app(db.state());
-    let admin = login(&app, "root").await;
-    let oper = login(&app, "oper").await;
-    let view = login(&app, "view").await;
+    let Users {
+        db,
+        app,
+        admin,
+        oper,
+        view,
+    } = users().await;
     let server = service_credential(&db.pool, "sensor-1").await;
     Setup {
         db,

@@ -17,60 +17,12 @@ use axum::{
 use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Login, Reply, add_user, bearer, call, login, request};
-use manager::{app, auth::Role, test_util::TestDb};
+use common::{Users as Setup, bearer, call, request, users as setup};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
 
-/// A fresh database with an admin, an operator and a viewer, the app over it, and their logins.
-struct Setup {
-    db: TestDb,
-    app: Router,
-    admin: Login,
-    oper: Login,
-    view: Login,
-}
-
-async fn setup() -> Setup {
-    let db = TestDb::new().await;
-    add_user(&db.pool, "root", Role::Admin).await;
-    add_user(&db.pool, "oper", Role::Operator).await;
-    add_user(&db.pool, "view", Role::Viewer).await;
-    let app = app(db.state());
-    let admin = login(&app, "root").await;
-    let oper = login(&app, "oper").await;
-    let view = login(&app, "view").await;
-    Setup {
-        db,
-        app,
-        admin,
-        oper,
-        view,
-    }
-}
-
 impl Setup {
-    async fn send(&self, who: &Login, method: Method, uri: &str, body: Option<Value>) -> Reply {
-        call(&self.app, who.sign(request(method, uri, body.as_ref()))).await
-    }
-
-    async fn get(&self, who: &Login, uri: &str) -> Reply {
-        self.send(who, Method::GET, uri, None).await
-    }
-
-    async fn post(&self, who: &Login, uri: &str, body: Value) -> Reply {
-        self.send(who, Method::POST, uri, Some(body)).await
-    }
-
-    async fn put(&self, who: &Login, uri: &str, body: Value) -> Reply {
-        self.send(who, Method::PUT, uri, Some(body)).await
-    }
-
-    async fn delete(&self, who: &Login, uri: &str) -> Reply {
-        self.send(who, Method::DELETE, uri, None).await
-    }
-
     async fn create_group(&self, name: &str) {
         let reply = self
             .post(&self.admin, "/api/v1/groups", json!({ "name": name }))

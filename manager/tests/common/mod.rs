@@ -13,8 +13,10 @@ use axum::{
 };
 use http_body_util::BodyExt as _;
 use manager::{
+    app,
     auth::{Role, password},
     db,
+    test_util::TestDb,
 };
 use serde_json::Value;
 use sqlx::PgPool;
@@ -118,5 +120,57 @@ pub async fn login(app: &Router, username: &str) -> Login {
     Login {
         cookie,
         csrf: reply.body["csrf_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// A fresh database with an admin (`root`), an operator (`oper`) and a viewer (`view`), each
+/// logged in, and the app over it.
+pub struct Users {
+    pub db: TestDb,
+    pub app: Router,
+    pub admin: Login,
+    pub oper: Login,
+    pub view: Login,
+}
+
+/// See [`Users`].
+pub async fn users() -> Users {
+    let db = TestDb::new().await;
+    add_user(&db.pool, "root", Role::Admin).await;
+    add_user(&db.pool, "oper", Role::Operator).await;
+    add_user(&db.pool, "view", Role::Viewer).await;
+    let app = app(db.state());
+    let admin = login(&app, "root").await;
+    let oper = login(&app, "oper").await;
+    let view = login(&app, "view").await;
+    Users {
+        db,
+        app,
+        admin,
+        oper,
+        view,
+    }
+}
+
+impl Users {
+    /// `method uri` with `body`, signed as `who`.
+    pub async fn send(&self, who: &Login, method: Method, uri: &str, body: Option<Value>) -> Reply {
+        call(&self.app, who.sign(request(method, uri, body.as_ref()))).await
+    }
+
+    pub async fn get(&self, who: &Login, uri: &str) -> Reply {
+        self.send(who, Method::GET, uri, None).await
+    }
+
+    pub async fn post(&self, who: &Login, uri: &str, body: Value) -> Reply {
+        self.send(who, Method::POST, uri, Some(body)).await
+    }
+
+    pub async fn put(&self, who: &Login, uri: &str, body: Value) -> Reply {
+        self.send(who, Method::PUT, uri, Some(body)).await
+    }
+
+    pub async fn delete(&self, who: &Login, uri: &str) -> Reply {
+        self.send(who, Method::DELETE, uri, None).await
     }
 }
