@@ -177,16 +177,6 @@ pub async fn name_taken(ex: impl PgExecutor<'_>, name: &str) -> Result<bool, sql
         .await
 }
 
-/// Every agent, by name.
-pub async fn list(ex: impl PgExecutor<'_>) -> Result<Vec<Agent>, sqlx::Error> {
-    sqlx::query(&format!("SELECT {COLUMNS} FROM agents ORDER BY name"))
-        .fetch_all(ex)
-        .await?
-        .iter()
-        .map(Agent::from_row)
-        .collect()
-}
-
 /// Every agent with its last counters report (`{}` before the first), by name.
 pub async fn list_with_counters(
     ex: impl PgExecutor<'_>,
