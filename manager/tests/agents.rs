@@ -15,7 +15,7 @@ use axum::{
 use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Reply, Users as Setup, bearer, call, request, users as setup};
+use common::{Reply, SseEvent, Users as Setup, bearer, call, request, take_event, users as setup};
 use manager::{app, db};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -649,14 +649,6 @@ async fn polling_agents_get_a_snapshot_then_deltas() {
     assert_eq!(poll(Some(1)).await.body["revision"], 3);
 }
 
-/// One server-sent event.
-#[derive(Debug)]
-struct SseEvent {
-    event: String,
-    id: i64,
-    data: Value,
-}
-
 /// Reads events from a streaming response body.
 struct SseReader {
     body: Body,
@@ -687,26 +679,8 @@ impl SseReader {
     async fn next_within(&mut self, secs: u64) -> SseEvent {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut event, mut id, mut data) = (String::new(), None, String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v.to_owned();
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.parse().unwrap());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data.push_str(v);
-                    }
-                }
-                if let Some(id) = id {
-                    return SseEvent {
-                        event,
-                        id,
-                        data: serde_json::from_str(&data).unwrap(),
-                    };
-                }
-                continue;
+            if let Some(event) = take_event(&mut self.buf) {
+                return event;
             }
             let frame = tokio::time::timeout_at(deadline, self.body.frame())
                 .await

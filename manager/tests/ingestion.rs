@@ -17,7 +17,7 @@ use axum::{
 };
 mod common;
 
-use common::{Login, PASSWORD, Reply, Users, bearer, call, request, users};
+use common::{Login, PASSWORD, Reply, SseEvent, Users, bearer, call, request, take_event, users};
 use manager::{
     AppState, app,
     auth::{new_token, token_hash},
@@ -1041,14 +1041,6 @@ async fn serve(state: AppState) -> String {
     format!("http://{addr}")
 }
 
-/// One server-sent event.
-#[derive(Debug)]
-struct SseEvent {
-    event: String,
-    id: i64,
-    data: Value,
-}
-
 /// Reads events from a streaming HTTP response.
 struct SseClient {
     resp: reqwest::Response,
@@ -1074,26 +1066,8 @@ impl SseClient {
     async fn next_within(&mut self, secs: u64) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut event, mut id, mut data) = (String::new(), None, String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v.to_owned();
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.parse().unwrap());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data.push_str(v);
-                    }
-                }
-                if let Some(id) = id {
-                    return Some(SseEvent {
-                        event,
-                        id,
-                        data: serde_json::from_str(&data).unwrap(),
-                    });
-                }
-                continue;
+            if let Some(event) = take_event(&mut self.buf) {
+                return Some(event);
             }
             let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
                 .await

@@ -17,7 +17,7 @@ use axum::{
 use http_body_util::BodyExt as _;
 mod common;
 
-use common::{Users as Setup, bearer, call, request, users as setup};
+use common::{SseEvent, Users as Setup, bearer, call, request, take_event, users as setup};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
@@ -461,14 +461,6 @@ async fn an_allowlist_over_live_attackers_is_accepted_and_reports_them() {
     assert_eq!(audited[0]["shadowed"].as_array().unwrap().len(), 2);
 }
 
-/// One server-sent event.
-#[derive(Debug)]
-struct SseEvent {
-    event: String,
-    id: i64,
-    data: Value,
-}
-
 /// Reads events from an agent's policy stream.
 struct SseReader {
     body: Body,
@@ -493,26 +485,8 @@ impl SseReader {
     async fn next_within(&mut self, secs: u64) -> Option<SseEvent> {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut event, mut id, mut data) = (String::new(), None, String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v.to_owned();
-                    } else if let Some(v) = line.strip_prefix("id: ") {
-                        id = Some(v.parse().unwrap());
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data.push_str(v);
-                    }
-                }
-                if let Some(id) = id {
-                    return Some(SseEvent {
-                        event,
-                        id,
-                        data: serde_json::from_str(&data).unwrap(),
-                    });
-                }
-                continue;
+            if let Some(event) = take_event(&mut self.buf) {
+                return Some(event);
             }
             let frame = tokio::time::timeout_at(deadline, self.body.frame())
                 .await

@@ -174,3 +174,37 @@ impl Users {
         self.send(who, Method::DELETE, uri, None).await
     }
 }
+
+/// One server-sent event with an id (the policy and detection streams give every event one).
+#[derive(Debug)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: i64,
+    pub data: Value,
+}
+
+/// Takes the next complete event with an id out of `buf` (skipping keep-alive comments and
+/// other id-less blocks); `None` until one is complete.
+pub fn take_event(buf: &mut String) -> Option<SseEvent> {
+    while let Some(end) = buf.find("\n\n") {
+        let block: String = buf.drain(..end + 2).collect();
+        let (mut event, mut id, mut data) = (String::new(), None, String::new());
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event: ") {
+                event = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.parse().unwrap());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            }
+        }
+        if let Some(id) = id {
+            return Some(SseEvent {
+                event,
+                id,
+                data: serde_json::from_str(&data).unwrap(),
+            });
+        }
+    }
+    None
+}
