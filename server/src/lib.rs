@@ -8,9 +8,12 @@
 //! PostgreSQL state of issue 5 build on `RuleSet::evaluate`, which is pure and sync.
 
 pub mod addr;
+pub mod config;
+pub mod record;
 pub mod rules;
 pub mod scan;
 pub mod timestamp;
+pub mod verdict;
 
 pub use rules::{RuleError, RuleSet};
 pub use scan::{Flagged, LineMatch, Scanner, Stats};
