@@ -16,10 +16,11 @@ use std::{
     net::IpAddr,
 };
 
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
+    detect::{display_key, source_key},
     rules::{Action, Extracted, RuleSet, Severity},
     timestamp::{Timestamps, format_rfc3339},
 };
@@ -291,23 +292,6 @@ impl<'a> Scanner<'a> {
             .collect();
         out.sort_by(|a, b| (&a.service, &a.rule, &a.addr).cmp(&(&b.service, &b.rule, &b.addr)));
         out
-    }
-}
-
-fn source_key(addr: IpAddr, ipv6_prefix: Option<u8>) -> IpNet {
-    match (addr, ipv6_prefix) {
-        (IpAddr::V6(v6), Some(prefix)) => Ipv6Net::new(v6, prefix)
-            .map(|n| IpNet::V6(n.trunc()))
-            .unwrap_or_else(|_| IpNet::from(addr)),
-        _ => IpNet::from(addr),
-    }
-}
-
-fn display_key(key: &IpNet) -> String {
-    if key.prefix_len() == key.max_prefix_len() {
-        key.addr().to_string()
-    } else {
-        key.to_string()
     }
 }
 

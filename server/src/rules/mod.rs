@@ -397,6 +397,18 @@ impl fmt::Display for Severity {
     }
 }
 
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Drop => "drop",
+            Self::Redirect => "redirect",
+            Self::Reflect => "reflect",
+            Self::Default => "default",
+        };
+        f.write_str(s)
+    }
+}
+
 fn invalid(file: &str, rule: &str, reason: String) -> RuleError {
     RuleError::Invalid {
         file: file.to_owned(),
