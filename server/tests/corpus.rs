@@ -7,54 +7,13 @@
     reason = "tests panic on failure; helpers here are test code"
 )]
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command};
+use std::{collections::BTreeSet, process::Command};
 
 use server::{RuleSet, Scanner};
 
-fn corpus() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
-}
+mod common;
 
-/// (service, files, attackers that must be flagged). From MANIFEST.md "Ground truth per service".
-const CASES: &[(&str, &[&str], &[&str])] = &[
-    (
-        "sshd",
-        &[
-            "sshd/auth.log",
-            "sshd/sshd-E-info.log",
-            "sshd/sshd-E-verbose.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    (
-        "vsftpd",
-        &[
-            "vsftpd/vsftpd.log",
-            "vsftpd/xferlog",
-            "vsftpd/syslog-vsftpd.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    ("rsync", &["rsync/rsyncd.log"], &["10.77.0.66"]),
-    (
-        "mysql",
-        &["mysql/general.log", "mysql/error.log"],
-        &["10.77.0.67"],
-    ),
-    (
-        "redis",
-        &["redis/redis.log", "redis/monitor.log", "redis/acl-log.txt"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-    (
-        "web",
-        &["nginx/access.log", "nginx/error.log"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-];
-
-/// Legitimate client addresses in every form the daemons print them.
-const LEGIT: &[&str] = &["10.77.0.20", "fd77::20", "::ffff:10.77.0.20"];
+use common::{CASES, LEGIT, corpus};
 
 /// Flagged addresses of one service, through the library.
 fn flagged_lib(set: &RuleSet, files: &[&str]) -> BTreeSet<String> {

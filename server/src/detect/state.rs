@@ -26,6 +26,8 @@ pub const MAX_EVIDENCE_LINE: usize = 4096;
 /// Matches remembered per (rule, source) in memory: more than any sane threshold, and the cap
 /// that bounds a flood from one source.
 const MAX_RECENT: usize = 1024;
+/// Flag times remembered per (rule, source) (the newest).
+const MAX_FLAGS: usize = 64;
 
 /// What the backends need to know of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +169,7 @@ impl State {
 
 #[derive(Debug, Default)]
 struct KeyState {
-    /// Match times and lines (sorted by time), at most `MAX_RECENT`, none older than `keep`.
+    /// Match times and lines (sorted by time), at most `MAX_RECENT`.
     hits: Vec<(i64, String)>,
     /// Flag times.
     flags: Vec<i64>,
@@ -246,10 +248,10 @@ impl MemoryState {
                 let at = st.hits.partition_point(|(u, _)| *u <= t);
                 st.hits.insert(at, (t, line));
             }
-            let horizon = st.last.saturating_sub(m.keep);
-            let old = st.hits.partition_point(|(u, _)| *u <= horizon);
+            // Time-based forgetting is the sweep's (by the newest event time seen, as in the
+            // shared backend); here only the count is bounded, dropping the oldest.
             let over = st.hits.len().saturating_sub(MAX_RECENT);
-            st.hits.drain(..old.max(over));
+            st.hits.drain(..over);
             let found =
                 window::crossings(&times, &st.flags, m.threshold, m.window, gate.as_deref());
             for c in &found {
@@ -269,7 +271,8 @@ impl MemoryState {
                     evidence: lines.iter().skip(skip).map(|(_, l)| l.clone()).collect(),
                 });
             }
-            st.flags.retain(|f| *f > horizon);
+            let over = st.flags.len().saturating_sub(MAX_FLAGS);
+            st.flags.drain(..over);
             if !found.is_empty() {
                 for &d in deps.get(rule).map_or(&[][..], Vec::as_slice) {
                     work.entry((d, key)).or_default().1 = true;
