@@ -414,6 +414,23 @@ fn ops() -> Vec<Op> {
         },
         Op {
             method: "get",
+            path: "/api/v1/allowlists",
+            summary: "The union of every group's allowlist (deduplicated, sorted) and the \
+                      policy head revision it was read at: the sources a mirage-server never \
+                      flags.",
+            auth: Auth::Service,
+            query: &[],
+            body: None,
+            ok: (
+                200,
+                Some(object(&[
+                    ("networks", array(net()), true),
+                    ("revision", int(), true),
+                ])),
+            ),
+        },
+        Op {
+            method: "get",
             path: "/api/v1/attackers/{id}",
             summary: "One entry with the evidence that caught it and what it did in the sandbox \
                       (detections and sessions with its id or from an address inside it; up to \
@@ -435,8 +452,9 @@ fn ops() -> Vec<Op> {
             path: "/api/v1/verdicts",
             summary: "A batch of 1 to 1000 detections from a mirage-server, idempotent on `id` \
                       (a retried batch stores nothing twice and takes no revision). Each new \
-                      detection adds or extends an automatic attacker entry (never one inside \
-                      any allowlist; a manual entry only gets its counters bumped). The whole \
+                      detection adds or extends an automatic attacker entry for its address or \
+                      IPv6 prefix (never one overlapping any allowlist; a manual entry only gets \
+                      its counters bumped). The whole \
                       batch is validated first: one bad item is a 400 naming it, and nothing is \
                       stored.",
             auth: Auth::Service,
@@ -823,7 +841,7 @@ fn schemas() -> Value {
         ]),
         "Verdict": object(&[
             ("id", json!({ "type": "string", "minLength": 1, "maxLength": 128, "description": "Idempotency key chosen by the server." }), true),
-            ("addr", json!({ "type": "string", "description": "One unicast address (IPv4-mapped IPv6 is folded to IPv4)." }), true),
+            ("addr", json!({ "type": "string", "description": "One unicast address (IPv4-mapped IPv6 is folded to IPv4), or an IPv6 prefix of /48 to /128 with its host bits zero (`2001:db8:1:2::/64`) for rules that aggregate IPv6 sources: its entry is the prefix, refused as allowlisted if it overlaps any allowlist entry, and its detection records the prefix's first address. IPv4 only as a single address or /32." }), true),
             ("rule", s(), true),
             ("service", s(), true),
             ("severity", en(&["info", "low", "medium", "high", "critical"]), true),

@@ -498,6 +498,233 @@ async fn allowlisted_addresses_never_become_attackers() {
 }
 
 #[tokio::test]
+async fn servers_read_the_union_of_every_allowlist() {
+    let s = setup().await;
+    let get = || request(Method::GET, "/api/v1/allowlists", None);
+    let empty = call(&s.app, bearer(get(), &s.server)).await;
+    assert_eq!(empty.status, StatusCode::OK, "{}", empty.body);
+    assert_eq!(empty.body, json!({ "networks": [], "revision": 0 }));
+
+    let web = s
+        .send(
+            &s.admin,
+            Method::POST,
+            "/api/v1/groups",
+            json!({ "name": "web" }),
+        )
+        .await;
+    assert!(web.status.is_success(), "{}", web.body);
+    for (net, group) in [
+        ("2001:db8:ffff::/48", "default"),
+        ("198.51.100.0/24", "default"),
+        ("10.1.0.0/16", "default"),
+        ("198.51.100.0/24", "web"),
+        ("192.0.2.7", "web"),
+    ] {
+        let added = s
+            .send(
+                &s.oper,
+                Method::POST,
+                "/api/v1/allowlist",
+                json!({ "net": net, "group": group }),
+            )
+            .await;
+        assert_eq!(added.status, StatusCode::OK, "{net}: {}", added.body);
+    }
+    let union = call(&s.app, bearer(get(), &s.server)).await;
+    assert_eq!(union.status, StatusCode::OK);
+    assert_eq!(
+        union.body,
+        json!({
+            "networks": ["10.1.0.0/16", "192.0.2.7/32", "198.51.100.0/24", "2001:db8:ffff::/48"],
+            "revision": s.head().await,
+        })
+    );
+
+    // Servers only: no credential, an unknown one, a user's session, an agent's credential.
+    assert_eq!(call(&s.app, get()).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&s.app, bearer(get(), &new_token())).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s.app, s.admin.sign(get())).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let token = s
+        .send(
+            &s.oper,
+            Method::POST,
+            "/api/v1/enrollment-tokens",
+            json!({}),
+        )
+        .await
+        .body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let enrolled = call(
+        &s.app,
+        request(
+            Method::POST,
+            "/api/v1/agent/enroll",
+            Some(&json!({ "token": token, "hostname": "web-1" })),
+        ),
+    )
+    .await;
+    let agent = enrolled.body["credential"].as_str().unwrap();
+    assert_eq!(
+        call(&s.app, bearer(get(), agent)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn ipv6_prefix_verdicts_become_prefix_entries() {
+    let s = setup().await;
+    let reply = s
+        .verdicts(json!([
+            verdict("p1", "2001:db8:1:2::/64"),
+            verdict("p2", "2001:db8:1:2::/64"),
+            verdict("a1", "2001:db8:1:2::5"),
+        ]))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(
+        reply.body,
+        json!({ "accepted": 3, "duplicates": 0, "allowlisted": 0, "revision": 2 })
+    );
+    // The prefix is one entry (both verdicts counted), the address inside it another.
+    let entry = s.attacker("2001:db8:1:2::/64").await;
+    assert_eq!(entry["evidence_count"], 10, "{entry}");
+    assert_eq!(entry["manual"], false);
+    assert_eq!(s.attacker("2001:db8:1:2::5/128").await["evidence_count"], 5);
+    assert_eq!(
+        revisions(&s.db.pool).await,
+        [
+            (
+                1,
+                "add".into(),
+                "2001:db8:1:2::/64".into(),
+                Some("default".into())
+            ),
+            (
+                2,
+                "add".into(),
+                "2001:db8:1:2::5/128".into(),
+                Some("default".into())
+            ),
+        ]
+    );
+    // Its detections record the prefix's first address, counted against the prefix's entry.
+    let log = s
+        .get(&s.view, "/api/v1/detections?addr=2001:db8:1:2::/64")
+        .await;
+    let log = log.body.as_array().unwrap();
+    assert_eq!(log.len(), 3);
+    let prefix: Vec<&Value> = log.iter().filter(|d| d["key"] != "a1").collect();
+    assert!(
+        prefix
+            .iter()
+            .all(|d| d["addr"] == "2001:db8:1:2::" && d["attacker_id"] == entry["id"]),
+        "{prefix:?}"
+    );
+
+    // Too broad, host bits, an IPv4 range: 400 naming the field, nothing stored.
+    for (addr, needle) in [
+        ("2001:db8::/40", "broader than /48"),
+        ("2001:db8:1:3::1/64", "did you mean `2001:db8:1:3::/64`"),
+        ("203.0.113.0/24", "single address"),
+    ] {
+        let reply = s.verdicts(json!([verdict("x", addr)])).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{addr}");
+        let error = reply.body["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("verdicts[0].addr") && error.contains(needle),
+            "{addr}: {error}"
+        );
+    }
+    // A /48 is the broadest accepted; IPv4 as /32 is a single address.
+    let reply = s
+        .verdicts(json!([
+            verdict("w1", "2001:db8:9::/48"),
+            verdict("v4", "203.0.113.9/32"),
+        ]))
+        .await;
+    assert_eq!(reply.body["accepted"], 2, "{}", reply.body);
+    assert_eq!(s.attacker("2001:db8:9::/48").await["manual"], false);
+    assert_eq!(s.attacker("203.0.113.9/32").await["manual"], false);
+    assert_eq!(s.count("SELECT count(*) FROM detections").await, 5);
+}
+
+#[tokio::test]
+async fn a_prefix_overlapping_an_allowlist_never_becomes_an_entry() {
+    let s = setup().await;
+    // One allowlisted host inside the /64 is enough to keep the whole /64 out.
+    let allowed = s
+        .send(
+            &s.oper,
+            Method::POST,
+            "/api/v1/allowlist",
+            json!({ "net": "2001:db8:5:6::10" }),
+        )
+        .await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.body);
+    // And a prefix inside an allowlisted range.
+    let allowed = s
+        .send(
+            &s.oper,
+            Method::POST,
+            "/api/v1/allowlist",
+            json!({ "net": "2001:db8:aa::/48" }),
+        )
+        .await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.body);
+    // A manual block of a /48 covers the /64s inside it.
+    let manual = s
+        .send(
+            &s.oper,
+            Method::POST,
+            "/api/v1/attackers",
+            json!({ "net": "2001:db8:7::/48", "action": "drop" }),
+        )
+        .await;
+    assert_eq!(manual.status, StatusCode::CREATED, "{}", manual.body);
+    let head = s.head().await;
+    let reply = s
+        .verdicts(json!([
+            verdict("k1", "2001:db8:5:6::/64"),
+            verdict("k2", "2001:db8:aa:1::/64"),
+            verdict("k3", "2001:db8:5:7::/64"),
+            verdict("k4", "2001:db8:7:1::/64"),
+        ]))
+        .await;
+    assert_eq!(
+        reply.body,
+        json!({ "accepted": 4, "duplicates": 0, "allowlisted": 2, "revision": head + 1 })
+    );
+    assert_eq!(s.attacker("2001:db8:5:6::/64").await, Value::Null);
+    assert_eq!(s.attacker("2001:db8:aa:1::/64").await, Value::Null);
+    assert_eq!(s.attacker("2001:db8:5:7::/64").await["manual"], false);
+    assert_eq!(s.attacker("2001:db8:7:1::/64").await, Value::Null);
+    assert_eq!(s.attacker("2001:db8:7::/48").await["evidence_count"], 5);
+    let flagged: Vec<(String, bool)> =
+        sqlx::query_as("SELECT idempotency_key, allowlisted FROM detections ORDER BY id")
+            .fetch_all(&s.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        flagged,
+        [
+            ("k1".to_owned(), true),
+            ("k2".to_owned(), true),
+            ("k3".to_owned(), false),
+            ("k4".to_owned(), false),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn manual_entries_are_not_downgraded() {
     let s = setup().await;
     s.default_policy(Some(60), "redirect").await;

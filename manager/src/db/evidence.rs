@@ -3,8 +3,6 @@
 //! small reads the evidence pages need. The single-row writes of the policy side stay in
 //! [`super::attackers`] and [`super::policy_revisions`].
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 use sqlx::{PgExecutor, Row as _};
 use time::OffsetDateTime;
@@ -35,16 +33,17 @@ pub async fn attacker(ex: impl PgExecutor<'_>, id: i64) -> Result<Option<Attacke
         .transpose()
 }
 
-/// The indexes (0-based) of `addrs` that lie inside an allowlist entry of any group's policy.
+/// The indexes (0-based) of `nets` that overlap an allowlist entry of any group's policy (for
+/// a single address: that lie inside one; for a prefix: any of whose addresses does).
 pub async fn allowlisted(
     ex: impl PgExecutor<'_>,
-    addrs: &[IpAddr],
+    nets: &[IpNet],
 ) -> Result<Vec<usize>, sqlx::Error> {
     let found: Vec<i64> = sqlx::query_scalar(
-        "SELECT v.i FROM unnest($1::inet[]) WITH ORDINALITY AS v(addr, i) \
-         WHERE EXISTS (SELECT 1 FROM policies p, unnest(p.allowlist) AS a WHERE a >>= v.addr)",
+        "SELECT v.i FROM unnest($1::inet[]) WITH ORDINALITY AS v(net, i) \
+         WHERE EXISTS (SELECT 1 FROM policies p, unnest(p.allowlist) AS a WHERE a && v.net)",
     )
-    .bind(addrs)
+    .bind(nets)
     .fetch_all(ex)
     .await?;
     Ok(found.iter().map(|&i| index(i)).collect())
@@ -160,24 +159,24 @@ pub async fn lock_exact(
         .collect()
 }
 
-/// For each key (`groups[i]`, `addrs[i]`), the most specific live *manual* entry that applies to
+/// For each key (`groups[i]`, `nets[i]`), the most specific live *manual* entry that applies to
 /// it (its group's or every group's; for an every-group key, every group's only) and contains
-/// the address: `(key index, entry id)`.
+/// the whole network (for a single address: the address): `(key index, entry id)`.
 pub async fn covering_manual(
     ex: impl PgExecutor<'_>,
     groups: &[Option<i64>],
-    addrs: &[IpAddr],
+    nets: &[IpNet],
 ) -> Result<Vec<(usize, i64)>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT DISTINCT ON (v.i) v.i, a.id \
-         FROM unnest($1::bigint[], $2::inet[]) WITH ORDINALITY AS v(g, addr, i) \
-         JOIN attackers a ON a.net >>= v.addr AND a.manual \
+         FROM unnest($1::bigint[], $2::inet[]) WITH ORDINALITY AS v(g, net, i) \
+         JOIN attackers a ON a.net >>= v.net AND a.manual \
               AND (a.group_id IS NULL OR a.group_id = v.g) \
               AND (a.expires_at IS NULL OR a.expires_at > now()) \
          ORDER BY v.i, masklen(a.net) DESC, a.id DESC",
     )
     .bind(groups)
-    .bind(addrs)
+    .bind(nets)
     .fetch_all(ex)
     .await?;
     rows.iter()
@@ -190,7 +189,7 @@ pub async fn covering_manual(
 pub struct NewEntries {
     /// Groups.
     pub groups: Vec<Option<i64>>,
-    /// Networks (single addresses).
+    /// Networks (single addresses, or IPv6 prefixes).
     pub nets: Vec<IpNet>,
     /// Actions.
     pub actions: Vec<String>,

@@ -114,6 +114,19 @@ pub async fn allowlist_overlap(
     .await
 }
 
+/// Every group's allowlist entries, deduplicated and sorted (IPv4 first, then by address and
+/// prefix length), and the policy head revision, read in one snapshot.
+pub async fn allowlist_union(ex: impl PgExecutor<'_>) -> Result<(Vec<IpNet>, i64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT (SELECT revision FROM policy_head) AS revision, \
+                coalesce((SELECT array_agg(DISTINCT a ORDER BY a) \
+                          FROM policies p, unnest(p.allowlist) AS a), '{}') AS networks",
+    )
+    .fetch_one(ex)
+    .await?;
+    Ok((row.try_get("networks")?, row.try_get("revision")?))
+}
+
 /// A whole policy as the editor writes it (validated and canonical, see
 /// [`crate::policy::validate`]).
 #[derive(Debug, Clone)]

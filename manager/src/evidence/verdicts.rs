@@ -1,6 +1,14 @@
 //! Verdict ingestion: a `mirage-server`'s batch of detections becomes detection rows and, for
 //! every address not on an allowlist, an automatic attacker entry that agents enforce.
 //!
+//! A verdict's source is one address or, for rules that aggregate IPv6 sources by prefix (one
+//! host hopping through its /64), an IPv6 network of /48 to /128 ([`parse_source`]). A network
+//! is handled as a whole: it is allowlisted if it *overlaps* any allowlist entry (an entry for
+//! it would cover an allowlisted source), a manual entry counts only if it contains all of it,
+//! and its automatic entry is the network itself. Its detection rows record the network's first
+//! address (the attack log's `addr` is a single address; the entry it was counted against
+//! carries the prefix).
+//!
 //! The whole batch is validated first ([`validate`]); then one transaction, whatever the batch
 //! size, runs a fixed number of statements (each a multi-row `UNNEST`):
 //!
@@ -10,9 +18,9 @@
 //!    N" never skips one that commits late;
 //! 2. drop the verdicts whose idempotency key is already stored (a retried batch stores nothing
 //!    twice and changes no entry);
-//! 3. find which addresses are allowlisted (recorded, never made entries), the exact entries and
+//! 3. find which sources are allowlisted (recorded, never made entries), the exact entries and
 //!    the covering manual entries of the rest, and the groups' defaults;
-//! 4. plan one change per `(group, address)`: a live manual entry covering the address only
+//! 4. plan one change per `(group, source)`: a live manual entry covering the address only
 //!    counts the evidence (a manual entry is never downgraded); an automatic entry gets the
 //!    verdict's action or keeps its own, and an expiry of now + the policy's TTL (never earlier
 //!    than it had); otherwise a new automatic entry;
@@ -22,10 +30,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use time::{Duration, OffsetDateTime};
@@ -56,6 +64,8 @@ pub const MAX_COUNT: i64 = 1_000_000_000;
 pub const SEVERITIES: [&str; 5] = ["info", "low", "medium", "high", "critical"];
 /// Actions a server may suggest.
 pub const ACTIONS: [&str; 4] = ["default", "drop", "redirect", "reflect"];
+/// Broadest IPv6 prefix a verdict may name (a site; anything broader is many unrelated hosts).
+pub const MIN_PREFIX_V6: u8 = 48;
 /// Attempts when a concurrent writer inserted one of our keys between our check and our insert.
 const ATTEMPTS: usize = 3;
 
@@ -73,7 +83,8 @@ pub struct Batch {
 pub struct VerdictInput {
     /// Idempotency key chosen by the server (1 to 128 characters).
     pub id: String,
-    /// The attacker's address.
+    /// The attacker's address, or an IPv6 prefix of /48 to /128 (`2001:db8:1:2::/64`, host bits
+    /// zero) for rules that aggregate IPv6 sources.
     pub addr: String,
     /// The detection rule, e.g. `sshd-bruteforce`.
     pub rule: String,
@@ -106,8 +117,11 @@ fn one() -> i64 {
 pub struct Verdict {
     /// Idempotency key.
     pub key: String,
-    /// Canonical address.
+    /// Canonical address: the source's, or its network's first address (what the detection row
+    /// records).
     pub addr: IpAddr,
+    /// The source as a network: the address as a /32 or /128, or the IPv6 prefix.
+    pub net: IpNet,
     /// Rule.
     pub rule: String,
     /// Service.
@@ -155,7 +169,7 @@ pub fn validate(batch: Batch) -> Result<Vec<Verdict>, String> {
 fn verdict(i: usize, v: VerdictInput) -> Result<Verdict, String> {
     let at = |field: &str| format!("verdicts[{i}].{field}");
     check_text(&at("id"), &v.id, 1, MAX_KEY)?;
-    let addr = parse_addr(&at("addr"), &v.addr)?;
+    let net = parse_source(&at("addr"), &v.addr)?;
     check_text(&at("rule"), &v.rule, 1, 128)?;
     check_text(&at("service"), &v.service, 1, 64)?;
     if !SEVERITIES.contains(&v.severity.as_str()) {
@@ -199,7 +213,8 @@ fn verdict(i: usize, v: VerdictInput) -> Result<Verdict, String> {
     }
     Ok(Verdict {
         key: v.id,
-        addr,
+        addr: net.network(),
+        net,
         rule: v.rule,
         service: v.service,
         severity: v.severity,
@@ -209,6 +224,64 @@ fn verdict(i: usize, v: VerdictInput) -> Result<Verdict, String> {
         at: time,
         group: v.group,
     })
+}
+
+/// Parses a verdict's source: one address (as [`parse_addr`]: IPv4-mapped IPv6 folded to IPv4,
+/// never unspecified, loopback, multicast or broadcast), or an IPv6 network of
+/// [`MIN_PREFIX_V6`] to /128. IPv4 only as a single address (`/32` accepted): servers aggregate
+/// IPv6 sources only, where one host may hold a whole /64.
+///
+/// A network's host bits must be zero: `2001:db8::5/64` is refused naming `2001:db8::/64`
+/// rather than truncated, because a server that sends it has a bug (did it mean the host or
+/// the prefix?) and the batch's 400 makes that visible instead of silently widening an entry.
+pub fn parse_source(what: &str, value: &str) -> Result<IpNet, String> {
+    let trimmed = value.trim();
+    let Some((addr, len)) = trimmed.split_once('/') else {
+        return parse_addr(what, value).map(IpNet::from);
+    };
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{what}: `{value}`: the prefix length is not a number"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{what}: `{value}` is not an IPv4 or IPv6 address or prefix"))?;
+    let v6 = match addr {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => v6,
+        // IPv4, plain or mapped: a single address only.
+        _ if len == if addr.is_ipv4() { 32 } else { 128 } => {
+            return parse_addr(what, &addr.to_string()).map(IpNet::from);
+        }
+        _ => {
+            return Err(format!(
+                "{what}: `{value}`: an IPv4 source is a single address (or /32); only IPv6 \
+                 sources may be prefixes"
+            ));
+        }
+    };
+    if len > 128 {
+        return Err(format!(
+            "{what}: `{value}`: the prefix length must be at most /128"
+        ));
+    }
+    if len < MIN_PREFIX_V6 {
+        return Err(format!(
+            "{what}: `{value}` is broader than /{MIN_PREFIX_V6}: an IPv6 source prefix must be \
+             /{MIN_PREFIX_V6} to /128"
+        ));
+    }
+    let net = Ipv6Net::new(v6, len)
+        .map_err(|_| format!("{what}: `{value}`: the prefix length must be at most /128"))?;
+    if net.network() != v6 {
+        return Err(format!(
+            "{what}: `{value}` has host bits set; did you mean `{}`?",
+            net.trunc()
+        ));
+    }
+    // The network's first address decides: within a /48 or longer every address shares the
+    // unspecified (`::`), loopback or multicast (`ff00::/8`) nature of the first.
+    let first: Ipv6Addr = net.network();
+    parse_addr(what, &first.to_string())?;
+    Ok(IpNet::V6(net))
 }
 
 /// What a batch did.
@@ -301,11 +374,12 @@ async fn resolve_groups(
     Ok(found)
 }
 
-/// One `(group, address)` the batch reports.
+/// One `(group, source)` the batch reports.
 #[derive(Debug)]
 struct Target {
     group_id: Option<i64>,
-    addr: IpAddr,
+    /// The source: a /32, a /128 or an IPv6 prefix.
+    net: IpNet,
     count: i64,
     rule: String,
     service: String,
@@ -365,23 +439,23 @@ async fn attempt_once(
         });
     }
 
-    // Allowlisted addresses, and one target per (group, address) for the rest.
-    let addrs: Vec<IpAddr> = fresh.iter().map(|(v, _)| v.addr).collect();
-    let allowlisted: HashSet<usize> = db::evidence::allowlisted(&mut *tx, &addrs)
+    // Allowlisted sources, and one target per (group, source) for the rest.
+    let nets: Vec<IpNet> = fresh.iter().map(|(v, _)| v.net).collect();
+    let allowlisted: HashSet<usize> = db::evidence::allowlisted(&mut *tx, &nets)
         .await?
         .into_iter()
         .collect();
     let mut targets: Vec<Target> = Vec::new();
-    let mut index: HashMap<(Option<i64>, IpAddr), usize> = HashMap::new();
+    let mut index: HashMap<(Option<i64>, IpNet), usize> = HashMap::new();
     let mut target_of: Vec<Option<usize>> = vec![None; fresh.len()];
     for (i, &(v, group_id)) in fresh.iter().enumerate() {
         if allowlisted.contains(&i) {
             continue;
         }
-        let t = *index.entry((group_id, v.addr)).or_insert_with(|| {
+        let t = *index.entry((group_id, v.net)).or_insert_with(|| {
             targets.push(Target {
                 group_id,
-                addr: v.addr,
+                net: v.net,
                 count: 0,
                 rule: v.rule.clone(),
                 service: v.service.clone(),
@@ -402,8 +476,7 @@ async fn attempt_once(
 
     // The entries the targets touch, and what each target does.
     let t_groups: Vec<Option<i64>> = targets.iter().map(|t| t.group_id).collect();
-    let t_addrs: Vec<IpAddr> = targets.iter().map(|t| t.addr).collect();
-    let t_nets: Vec<IpNet> = t_addrs.iter().map(|&a| IpNet::from(a)).collect();
+    let t_nets: Vec<IpNet> = targets.iter().map(|t| t.net).collect();
     let (exact, covering, defaults) = if targets.is_empty() {
         Default::default()
     } else {
@@ -413,7 +486,7 @@ async fn attempt_once(
                 .into_iter()
                 .collect();
         let covering: HashMap<usize, i64> =
-            db::evidence::covering_manual(&mut *tx, &t_groups, &t_addrs)
+            db::evidence::covering_manual(&mut *tx, &t_groups, &t_nets)
                 .await?
                 .into_iter()
                 .collect();
@@ -487,7 +560,7 @@ async fn attempt_once(
             }
             Plan::Add { action, expires_at } => {
                 new_entries.groups.push(target.group_id);
-                new_entries.nets.push(IpNet::from(target.addr));
+                new_entries.nets.push(target.net);
                 new_entries.actions.push(action.clone());
                 new_entries
                     .reasons
@@ -534,7 +607,7 @@ async fn attempt_once(
         let (Some(id), Some(rev)) = (entry_of[t], revision_of[t]) else {
             continue;
         };
-        let net = IpNet::from(target.addr);
+        let net = target.net;
         revs.push(Revision {
             revision: rev,
             group_id: target.group_id,
@@ -742,10 +815,54 @@ mod tests {
         assert!(unknown.is_err());
     }
 
+    #[test]
+    fn sources_are_addresses_or_ipv6_prefixes() {
+        for (input, want) in [
+            ("203.0.113.5", "203.0.113.5/32"),
+            ("::ffff:203.0.113.5", "203.0.113.5/32"),
+            ("203.0.113.5/32", "203.0.113.5/32"),
+            ("::ffff:203.0.113.5/128", "203.0.113.5/32"),
+            ("2001:db8::66", "2001:db8::66/128"),
+            (" 2001:db8:1:2::/64 ", "2001:db8:1:2::/64"),
+            ("2001:db8:1::/48", "2001:db8:1::/48"),
+            ("2001:db8::66/128", "2001:db8::66/128"),
+        ] {
+            let net = parse_source("verdicts[0].addr", input).unwrap();
+            assert_eq!(net.to_string(), want, "{input}");
+        }
+        for (input, needle) in [
+            ("2001:db8::/40", "broader than /48"),
+            ("2001:db8::/0", "broader than /48"),
+            ("2001:db8::5/64", "did you mean `2001:db8::/64`"),
+            ("2001:db8::/129", "at most /128"),
+            ("203.0.113.0/24", "IPv4 source is a single address"),
+            ("::ffff:203.0.113.0/120", "IPv4 source is a single address"),
+            ("::/64", "unspecified"),
+            ("::1/128", "loopback"),
+            ("ff02::/64", "multicast"),
+            ("127.0.0.1/32", "loopback"),
+            ("2001:db8::/x", "not a number"),
+            ("example.org/64", "not an IPv4 or IPv6"),
+        ] {
+            let err = parse_source("verdicts[0].addr", input).unwrap_err();
+            assert!(
+                err.starts_with("verdicts[0].addr") && err.contains(needle),
+                "{input}: {err}"
+            );
+        }
+        let v = validate(batch(json!([{
+            "id": "p", "addr": "2001:db8:1:2::/64", "rule": "r", "service": "s",
+            "severity": "low", "at": "2024-05-01T10:00:00Z",
+        }])))
+        .unwrap();
+        assert_eq!(v[0].net.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(v[0].addr.to_string(), "2001:db8:1:2::");
+    }
+
     fn target(action: Option<&str>) -> Target {
         Target {
             group_id: None,
-            addr: "203.0.113.5".parse().unwrap(),
+            net: "203.0.113.5/32".parse().unwrap(),
             count: 2,
             rule: "r".to_owned(),
             service: "s".to_owned(),

@@ -1,16 +1,22 @@
 //! The policy allowlist: `POST /api/v1/allowlist` {net, group?, force?} and
 //! `DELETE /api/v1/allowlist?net=NET&group=NAME` (operator). Same address validation as
 //! attackers; each change is a `policy` revision carrying the group's new policy.
+//!
+//! `GET /api/v1/allowlists` ([`ServiceAuth`]) gives a `mirage-server` the union of every group's
+//! allowlist, which it never flags: a verdict for those sources would be stored but never
+//! enforced, so not producing it saves both sides the work and keeps the attack log to what
+//! matters.
 
 use axum::{
     Json,
     extract::{Query, State},
 };
-use serde::Deserialize;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     AppState,
-    auth::{Operator, RequireRole},
+    auth::{Operator, RequireRole, ServiceAuth},
     db::{self, policies::Policy, policy_revisions::Revision},
     error::{ApiJson, AppError},
     policy::{self, net},
@@ -28,6 +34,24 @@ pub struct Change {
     /// Admins only: allow ranges broader than /16 (IPv4) or /32 (IPv6).
     #[serde(default)]
     pub force: bool,
+}
+
+/// `GET /api/v1/allowlists` reply.
+#[derive(Debug, Serialize)]
+pub struct Union {
+    /// Every group's allowlist entries, deduplicated and sorted.
+    pub networks: Vec<IpNet>,
+    /// The policy head revision they were read at.
+    pub revision: i64,
+}
+
+/// The union of every group's allowlist, for a `mirage-server`.
+pub async fn union(
+    State(state): State<AppState>,
+    _server: ServiceAuth,
+) -> Result<Json<Union>, AppError> {
+    let (networks, revision) = db::policies::allowlist_union(&state.db).await?;
+    Ok(Json(Union { networks, revision }))
 }
 
 /// Adds an entry; returns the group's policy.

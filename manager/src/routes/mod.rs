@@ -65,6 +65,7 @@ pub fn router() -> Router<AppState> {
             "/api/v1/allowlist",
             post(allowlist::add).delete(allowlist::remove),
         )
+        .route("/api/v1/allowlists", get(allowlist::union))
         .route(
             "/api/v1/alert-channels",
             get(alerts::list).post(alerts::create),
