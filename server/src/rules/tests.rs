@@ -263,6 +263,20 @@ fn redis_rules() {
         &[("redis-replicaof", "fd77::66")],
     );
     assert_hits(
+        "21593:M 28 Nov 2026 01:59:49.024 - Client closed connection id=46 addr=10.77.0.66:44950 laddr=10.77.0.10:6379 fd=9 name= age=0 idle=0 flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=20474 argv-mem=0 multi-mem=0 rbs=16384 rbp=16384 obl=0 oll=0 omem=0 tot-mem=37632 events=r cmd=module|load user=default redir=-1 resp=2",
+        &[("redis-dangerous-command", "10.77.0.66")],
+    );
+    assert_hits(
+        "2026-11-28T02:02:44.100000+00:00 cache-1 redis[21593]: Client closed connection id=60 addr=10.77.0.67:58050 laddr=10.77.0.10:6379 fd=9 name= age=0 idle=0 flags=N db=0 cmd=flushall user=default redir=-1 resp=2",
+        &[("redis-dangerous-command", "10.77.0.67")],
+    );
+    for cmd in ["set", "get", "config|get", "info", "ping", "mget", "del"] {
+        assert_hits(
+            &format!("21593:M 28 Nov 2026 02:03:11.000 - Client closed connection id=70 addr=10.77.0.20:40000 laddr=10.77.0.10:6379 fd=9 name= age=0 cmd={cmd} user=default redir=-1 resp=2"),
+            &[],
+        );
+    }
+    assert_hits(
         "id=57 addr=10.77.0.67:58052 laddr=10.77.0.10:6379 fd=9 name= age=0 idle=0 flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 qbuf=28 qbuf-free=20446 argv-mem=12 multi-mem=0 rbs=16384 rbp=16384 obl=0 oll=0 omem=0 tot-mem=37660 events=r cmd=auth user=default redir=-1 resp=2",
         &[("redis-acl-auth-failure", "10.77.0.67")],
     );
