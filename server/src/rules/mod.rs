@@ -27,6 +27,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("redis.toml", include_str!("../../rules/redis.toml")),
     ("mongodb.toml", include_str!("../../rules/mongodb.toml")),
     ("web.toml", include_str!("../../rules/web.toml")),
+    ("mirage.toml", include_str!("../../rules/mirage.toml")),
 ];
 
 /// The longest window a rule may have (30 days): longer ones would keep per-source state for

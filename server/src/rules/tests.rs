@@ -36,7 +36,7 @@ fn assert_hits(line: &str, want: &[(&str, &str)]) {
 fn builtin_packs_load() {
     let set = builtin();
     for service in [
-        "sshd", "vsftpd", "rsync", "mysql", "redis", "mongodb", "web",
+        "sshd", "vsftpd", "rsync", "mysql", "redis", "mongodb", "web", "mirage-flow", "mirage-sandbox",
     ] {
         assert!(
             set.rules().iter().any(|r| r.config.service == service),
@@ -308,6 +308,31 @@ fn redis_rules() {
         "1795831163.6 [0 lua] \"CONFIG\" \"GET\" \"requirepass\"",
         &[("redis-monitor-admin-command", "?")],
     );
+}
+
+#[test]
+fn mirage_event_rules() {
+    assert_hits(
+        r#"{"kind":"redirect","model":"preserve-source","proto":"tcp","attacker":"203.0.113.9:51234","orig_dst":"10.0.0.5:22","target":"10.99.0.2:22","nat":"203.0.113.9:51234","ts_ns":123}"#,
+        &[("mirage-flow-touch", "203.0.113.9")],
+    );
+    assert_hits(
+        r#"{"kind":"reflect","model":"full-nat","proto":"udp","attacker":"[2001:db8::9]:5353","orig_dst":"[2001:db8::5]:53","target":"[2001:db8::9]:5353","nat":"[2001:db8::5]:40000","ts_ns":1}"#,
+        &[("mirage-flow-touch", "2001:db8::9")],
+    );
+    assert_hits(
+        r#"{"service":"ssh","event":"login-failed","user":"root","password":""src":"10.0.0.1"","src":"198.51.100.4:40022"}"#,
+        &[("mirage-sandbox-login", "198.51.100.4")],
+    );
+    assert_hits(
+        r#"{"service":"ssh","event":"command","command":"cat /etc/passwd","src":"[fd77::66]:50210"}"#,
+        &[("mirage-sandbox-activity", "fd77::66")],
+    );
+    assert_hits(
+        r#"{"service":"redis","event":"connect","src":"10.77.0.66:6000"}"#,
+        &[("mirage-sandbox-connect", "10.77.0.66")],
+    );
+    assert_hits(r#"{"service":"ssh","event":"close","src":"10.77.0.66:6000"}"#, &[]);
 }
 
 #[test]
