@@ -11,6 +11,7 @@ pub mod addr;
 pub mod config;
 pub mod detect;
 pub mod record;
+pub mod report;
 pub mod rules;
 pub mod scan;
 pub mod timestamp;
