@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod config;
+pub mod daemon;
 pub mod detect;
 pub mod record;
 pub mod report;

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 pub struct Verdict {
     /// Idempotency key (1 to 128 characters): the same detection always gets the same id.
     pub id: String,
-    /// The attacker's address (or, for rules aggregating IPv6 by prefix, the prefix's first
-    /// address).
+    /// The attacker's address, or for rules aggregating IPv6 by prefix the prefix in CIDR
+    /// notation (`2001:db8:1:2::/64`; the manager accepts /48 to /128).
     pub addr: String,
     /// The rule id.
     pub rule: String,

@@ -5,128 +5,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod common;
+
+use common::pki::{Identity, Pki, pki, tls_connect};
+
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
     time::Duration,
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::{
-    ClientConfig, RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
-};
 use server::{
-    config::{ListenConfig, ServerConfig, TlsConfig},
+    config::{ListenConfig, ServerConfig},
     record::{LogRecord, Origin},
     syslog::{Listeners, format_rfc5424, frame_octet_counted, spawn},
 };
-use tempfile::TempDir;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream, UdpSocket},
     sync::mpsc,
     time::{Instant, sleep, timeout},
 };
-use tokio_rustls::{TlsConnector, client::TlsStream};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// A client certificate and its key.
-struct Identity {
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
-
-/// Everything TLS: the files the server reads and the client identities.
-struct Pki {
-    _dir: TempDir,
-    tls: TlsConfig,
-    ca: CertificateDer<'static>,
-    /// SAN `web-1`, CN `web-1.example`.
-    agent: Identity,
-    /// No SAN, CN `db-2`.
-    cn_only: Identity,
-    /// SAN `web-1`, but signed by another CA.
-    foreign: Identity,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    sans: &[&str],
-    cn: Option<&str>,
-    usage: ExtendedKeyUsagePurpose,
-) -> (rcgen::Certificate, KeyPair) {
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name = DistinguishedName::new();
-    if let Some(cn) = cn {
-        params.distinguished_name.push(DnType::CommonName, cn);
-    }
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert, key)
-}
-
-fn identity(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    sans: &[&str],
-    cn: Option<&str>,
-) -> Identity {
-    let (cert, key) = leaf(issuer, sans, cn, ExtendedKeyUsagePurpose::ClientAuth);
-    Identity {
-        cert: cert.der().clone(),
-        key: key.serialize_der(),
-    }
-}
-
-fn pki(allow_anonymous: bool) -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ca("Mirage agents CA");
-    let (server_cert, server_key) = leaf(
-        &ca,
-        &["localhost", "127.0.0.1"],
-        Some("mirage-server"),
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let path = |name: &str| -> PathBuf { dir.path().join(name) };
-    std::fs::write(path("server.crt"), server_cert.pem()).unwrap();
-    std::fs::write(path("server.key"), server_key.serialize_pem()).unwrap();
-    std::fs::write(path("ca.crt"), ca.pem()).unwrap();
-    let agent = identity(&ca, &["web-1"], Some("web-1.example"));
-    let cn_only = identity(&ca, &[], Some("db-2"));
-    let foreign = identity(&self::ca("Someone else's CA"), &["web-1"], None);
-    Pki {
-        tls: TlsConfig {
-            cert: path("server.crt"),
-            key: path("server.key"),
-            client_ca: path("ca.crt"),
-            allow_anonymous,
-        },
-        ca: ca.der().clone(),
-        agent,
-        cn_only,
-        foreign,
-        _dir: dir,
-    }
-}
 
 fn config(udp: bool, tcp: bool, tls: Option<&Pki>, relay: &[&str]) -> ServerConfig {
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -182,39 +82,6 @@ fn agent_message(line: &str) -> Vec<u8> {
         line,
         1_795_831_161,
     ))
-}
-
-fn client_tls(pki: &Pki, identity: Option<&Identity>) -> TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    roots.add(pki.ca.clone()).unwrap();
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![id.cert.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone())),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    TlsConnector::from(Arc::new(config))
-}
-
-/// Connects and completes the client side of the handshake (with TLS 1.3 the server may still
-/// refuse the client's certificate after that).
-async fn tls_connect(
-    addr: SocketAddr,
-    pki: &Pki,
-    identity: Option<&Identity>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    client_tls(pki, identity)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
 }
 
 /// A TCP connection from a chosen loopback address.

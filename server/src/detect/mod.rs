@@ -226,6 +226,11 @@ impl Detector {
         self.pending.len()
     }
 
+    /// Whether matches are waiting for the shared state to come back.
+    pub fn has_retry(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
     /// Processes a batch (possibly empty: pending session lines are retried and expire) at
     /// arrival time `now` (Unix seconds).
     ///

@@ -80,3 +80,4 @@ pub fn agent_records(service: &str, files: &[&str]) -> Vec<LogRecord> {
         })
         .collect()
 }
+pub mod pki;
