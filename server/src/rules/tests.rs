@@ -36,7 +36,15 @@ fn assert_hits(line: &str, want: &[(&str, &str)]) {
 fn builtin_packs_load() {
     let set = builtin();
     for service in [
-        "sshd", "vsftpd", "rsync", "mysql", "redis", "mongodb", "web", "mirage-flow", "mirage-sandbox",
+        "sshd",
+        "vsftpd",
+        "rsync",
+        "mysql",
+        "redis",
+        "mongodb",
+        "web",
+        "mirage-flow",
+        "mirage-sandbox",
     ] {
         assert!(
             set.rules().iter().any(|r| r.config.service == service),
@@ -272,7 +280,9 @@ fn redis_rules() {
     );
     for cmd in ["set", "get", "config|get", "info", "ping", "mget", "del"] {
         assert_hits(
-            &format!("21593:M 28 Nov 2026 02:03:11.000 - Client closed connection id=70 addr=10.77.0.20:40000 laddr=10.77.0.10:6379 fd=9 name= age=0 cmd={cmd} user=default redir=-1 resp=2"),
+            &format!(
+                "21593:M 28 Nov 2026 02:03:11.000 - Client closed connection id=70 addr=10.77.0.20:40000 laddr=10.77.0.10:6379 fd=9 name= age=0 cmd={cmd} user=default redir=-1 resp=2"
+            ),
             &[],
         );
     }
@@ -332,7 +342,10 @@ fn mirage_event_rules() {
         r#"{"service":"redis","event":"connect","src":"10.77.0.66:6000"}"#,
         &[("mirage-sandbox-connect", "10.77.0.66")],
     );
-    assert_hits(r#"{"service":"ssh","event":"close","src":"10.77.0.66:6000"}"#, &[]);
+    assert_hits(
+        r#"{"service":"ssh","event":"close","src":"10.77.0.66:6000"}"#,
+        &[],
+    );
 }
 
 #[test]
