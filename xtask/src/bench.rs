@@ -2,14 +2,18 @@
 //! `bench-NAME` from the tests crate (`bench-xdp`: the program under `BPF_PROG_TEST_RUN`;
 //! `bench-veth`: traffic through the lab). The benchmark finds the release agent through
 //! `MIRAGE_BIN_DIR`.
+//!
+//! `bench detect` also needs Debian's `fail2ban` (for `fail2ban-regex`, its baseline), installed
+//! here rather than by `cargo xtask setup` because nothing else uses it. Its daemon is never
+//! wanted: it would ban addresses on this machine.
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
-    exec::{cmd, exec, require_root, root},
+    exec::{capture, cmd, exec, require_root, root},
     setup,
 };
 
@@ -35,6 +39,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("invalid benchmark name `{}`", args.name);
     }
     setup::run()?;
+    if args.name == "detect" {
+        fail2ban().context("installing fail2ban for the detect benchmark's baseline")?;
+    }
     println!("==> build (release)");
     exec(cmd("cargo").args(["build", "--release", "-p", "agent", "-p", "tests", "--bins"]))?;
     let bin_dir = root().join("target/release");
@@ -51,6 +58,46 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     println!("==> bench-{}", args.name);
     exec(cmd(&bench).args(&args.args).env("MIRAGE_BIN_DIR", &bin_dir))
+}
+
+/// Installs `fail2ban` if it is missing and makes sure its daemon is not running: only
+/// `fail2ban-regex`, which reads a file and bans nothing, is used. Debian starts and enables the
+/// service on install (unless `/usr/sbin/policy-rc.d` forbids it, as in containers), so a fresh
+/// install is stopped and disabled; a fail2ban that was already installed is the operator's and
+/// is left as it is.
+fn fail2ban() -> Result<()> {
+    println!("==> fail2ban (baseline of bench detect)");
+    let installed = setup::apt_install(&["fail2ban"])?;
+    let running = capture(cmd("pgrep").args(["-x", "fail2ban-server"]))?
+        .status
+        .success();
+    if !installed {
+        if running {
+            setup::ok("fail2ban: already installed; its server runs (left alone, not used)");
+        } else {
+            setup::ok("fail2ban: already installed, no server running");
+        }
+        return Ok(());
+    }
+    if running {
+        setup::doing("fail2ban: the install started its server; stopping it");
+        exec(cmd("fail2ban-client").arg("stop"))?;
+    }
+    if Path::new("/run/systemd/system").is_dir() {
+        setup::doing("fail2ban: disabling the service so that it never starts at boot");
+        exec(cmd("systemctl").args(["disable", "--now", "fail2ban.service"]))?;
+    }
+    if capture(cmd("pgrep").args(["-x", "fail2ban-server"]))?
+        .status
+        .success()
+    {
+        bail!(
+            "fail2ban-server still runs after `fail2ban-client stop`; stop it (`systemctl stop \
+             fail2ban`) before running the benchmark"
+        );
+    }
+    setup::ok("fail2ban: installed, no server running");
+    Ok(())
 }
 
 /// The `bench-*` binaries present in `dir`, by name.

@@ -39,7 +39,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 pub fn run() -> Result<()> {
     require_root("setup")?;
     println!("==> setup");
-    apt_packages().context("installing apt packages")?;
+    apt_install(APT_PACKAGES).context("installing apt packages")?;
     rust_src().context("installing rust-src for nightly")?;
     bpf_linker().context("installing bpf-linker")?;
     llvm_majors().context("checking LLVM versions")?;
@@ -48,30 +48,29 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn ok(what: &str) {
+pub fn ok(what: &str) {
     println!("    ok:   {what}");
 }
 
-fn doing(what: &str) {
+pub fn doing(what: &str) {
     println!("    do:   {what}");
 }
 
-fn apt_packages() -> Result<()> {
+/// Installs those of `packages` that are missing (`apt-get update` first); returns whether it
+/// installed anything. Also used by `cargo xtask bench` for packages only one benchmark needs.
+pub fn apt_install(packages: &[&str]) -> Result<bool> {
     // One query for all: installed packages print "install ok installed"; unknown ones only
     // make dpkg-query exit 1 with a message on stderr, so read stdout and ignore the status.
     let out = capture(
         cmd("dpkg-query")
             .args(["-W", "-f=${Package} ${Status}\\n"])
-            .args(APT_PACKAGES),
+            .args(packages),
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let missing = missing_packages(&stdout, APT_PACKAGES);
+    let missing = missing_packages(&stdout, packages);
     if missing.is_empty() {
-        ok(&format!(
-            "apt packages: all {} installed",
-            APT_PACKAGES.len()
-        ));
-        return Ok(());
+        ok(&format!("apt packages: all {} installed", packages.len()));
+        return Ok(false);
     }
     doing(&format!("apt packages: installing {}", missing.join(" ")));
     exec(
@@ -84,7 +83,8 @@ fn apt_packages() -> Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    Ok(true)
 }
 
 /// The packages of `wanted` that `dpkg-query` output does not show as installed.
