@@ -13,7 +13,10 @@ use server::{RuleSet, Scanner};
 
 mod common;
 
-use common::{CASES, LEGIT, corpus};
+use common::{
+    corpus,
+    ground_truth::{CASES, LEGIT},
+};
 
 /// Flagged addresses of one service, through the library.
 fn flagged_lib(set: &RuleSet, files: &[&str]) -> BTreeSet<String> {

@@ -14,7 +14,8 @@ use std::{
 };
 
 use common::{
-    CASES, LEGIT, lines,
+    ground_truth::{CASES, LEGIT},
+    lines,
     pki::{Pki, pki, tls_connect},
 };
 use server::{

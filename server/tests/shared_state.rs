@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use common::{CASES, LEGIT, agent_records};
+use common::{
+    agent_records,
+    ground_truth::{CASES, LEGIT},
+};
 use manager::test_util::TestDb;
 use server::{
     RuleSet,

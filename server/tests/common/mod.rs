@@ -12,47 +12,6 @@ pub fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
 }
 
-/// (service, files, attackers that must be flagged). From MANIFEST.md "Ground truth per service".
-pub const CASES: &[(&str, &[&str], &[&str])] = &[
-    (
-        "sshd",
-        &[
-            "sshd/auth.log",
-            "sshd/sshd-E-info.log",
-            "sshd/sshd-E-verbose.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    (
-        "vsftpd",
-        &[
-            "vsftpd/vsftpd.log",
-            "vsftpd/xferlog",
-            "vsftpd/syslog-vsftpd.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    ("rsync", &["rsync/rsyncd.log"], &["10.77.0.66"]),
-    (
-        "mysql",
-        &["mysql/general.log", "mysql/error.log"],
-        &["10.77.0.67"],
-    ),
-    (
-        "redis",
-        &["redis/redis.log", "redis/monitor.log", "redis/acl-log.txt"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-    (
-        "web",
-        &["nginx/access.log", "nginx/error.log"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-];
-
-/// Legitimate client addresses in every form the daemons print them.
-pub const LEGIT: &[&str] = &["10.77.0.20", "fd77::20", "::ffff:10.77.0.20"];
-
 /// The lines of one corpus file (CR before LF dropped, as an agent's reader does).
 pub fn lines(file: &str) -> Vec<String> {
     let bytes = std::fs::read(corpus().join(file)).unwrap();
@@ -80,4 +39,5 @@ pub fn agent_records(service: &str, files: &[&str]) -> Vec<LogRecord> {
         })
         .collect()
 }
+pub mod ground_truth;
 pub mod pki;

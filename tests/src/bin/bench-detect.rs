@@ -84,47 +84,10 @@ const HOST: &str = "bench-host";
 /// The APP-NAME of every message; it maps to no service, so the service is the SD parameter's.
 const APP: &str = "mirage-agent";
 
-/// (service, files, attackers that must be flagged), as in `server/tests/common/mod.rs`
-/// (`CASES`), from MANIFEST.md "Ground truth per service".
-const CASES: &[(&str, &[&str], &[&str])] = &[
-    (
-        "sshd",
-        &[
-            "sshd/auth.log",
-            "sshd/sshd-E-info.log",
-            "sshd/sshd-E-verbose.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    (
-        "vsftpd",
-        &[
-            "vsftpd/vsftpd.log",
-            "vsftpd/xferlog",
-            "vsftpd/syslog-vsftpd.log",
-        ],
-        &["fd77::66", "10.77.0.67"],
-    ),
-    ("rsync", &["rsync/rsyncd.log"], &["10.77.0.66"]),
-    (
-        "mysql",
-        &["mysql/general.log", "mysql/error.log"],
-        &["10.77.0.67"],
-    ),
-    (
-        "redis",
-        &["redis/redis.log", "redis/monitor.log", "redis/acl-log.txt"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-    (
-        "web",
-        &["nginx/access.log", "nginx/error.log"],
-        &["10.77.0.66", "10.77.0.67"],
-    ),
-];
-
-/// The legitimate client in every form the daemons print it (never to be flagged).
-const LEGIT: &[&str] = &["10.77.0.20", "fd77::20", "::ffff:10.77.0.20"];
+/// `CASES` (service, files, attackers) and `LEGIT`, the corpus ground truth.
+#[path = "../../../server/tests/common/ground_truth.rs"]
+mod ground_truth;
+use ground_truth::{CASES, LEGIT};
 
 fn main() -> Result<()> {
     let started = Instant::now();
