@@ -288,6 +288,22 @@ pub struct AgentConfig {
     pub honeypot_allow_ports: Vec<String>,
     /// Sandbox targets, per protected port and protocol, plus default targets (port 0).
     pub sandbox: Vec<SandboxConfig>,
+    /// Directory the agent keeps its state in: the manager credential, the last applied policy,
+    /// log offsets and the shipping queue. Default `/var/lib/mirage-agent`.
+    pub state_dir: std::path::PathBuf,
+    /// Policy from the manager (it then replaces the data-path settings above, which stay the
+    /// fallback until the first policy arrives).
+    pub manager: Option<links::ManagerLink>,
+    /// Log shipping to a mirage-server.
+    pub server: Option<links::ServerLink>,
+    /// Log files to collect, per service.
+    pub logs: Vec<links::LogSource>,
+    /// The Redis collector.
+    pub redis: Option<links::RedisSource>,
+    /// systemd journal sources.
+    pub journal: Vec<links::JournalSource>,
+    /// Serve Prometheus metrics on `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Deserializes exactly two ports. serde's `[u16; 2]` would take the first two elements of a
@@ -312,6 +328,13 @@ impl Default for AgentConfig {
             reflect_pps: DEFAULT_REFLECT_PPS,
             honeypot_allow_ports: Vec::new(),
             sandbox: Vec::new(),
+            state_dir: std::path::PathBuf::from(links::DEFAULT_STATE_DIR),
+            manager: None,
+            server: None,
+            logs: Vec::new(),
+            redis: None,
+            journal: Vec::new(),
+            metrics: None,
         }
     }
 }
@@ -477,8 +500,21 @@ impl AgentConfig {
         self.allowlist_nets()?;
         self.data_path()?;
         self.allow_port_keys()?;
+        links::validate(
+            self.manager.as_ref(),
+            self.server.as_ref(),
+            &self.logs,
+            self.redis.as_ref(),
+            &self.journal,
+        )
+        .map_err(|(key, reason)| ConfigError::Value {
+            key,
+            value: String::new(),
+            reason,
+        })?;
         let targets = self.targets()?;
-        if self.mode.needs_targets() && targets.is_empty() {
+        // With a manager, its policy brings the targets; the file's mode is only the fallback.
+        if self.mode.needs_targets() && targets.is_empty() && self.manager.is_none() {
             return Err(ConfigError::NoTargets {
                 mode: Mode::from(self.mode).name(),
             });
@@ -655,6 +691,8 @@ impl AgentConfig {
         })
     }
 }
+
+pub mod links;
 
 #[cfg(test)]
 mod tests;

@@ -408,3 +408,63 @@ fn forwarding_needed_by_mode_and_family() {
     let v6 = parse("mode = \"honeypot\"\n[[sandbox]]\ntarget = \"fd00::2\"").unwrap();
     assert_eq!(v6.forwarding_needed().unwrap(), (false, true));
 }
+
+#[test]
+fn link_sections_parse_and_validate() {
+    let cfg = parse(
+        r#"
+mode = "firewall"
+state_dir = "/tmp/mirage-agent"
+metrics = "127.0.0.1:9101"
+[manager]
+url = "https://manager.example:8443"
+[server]
+address = "server.example:6514"
+ca = "/etc/mirage/server-ca.crt"
+cert = "/etc/mirage/agent.crt"
+key = "/etc/mirage/agent.key"
+[[logs]]
+service = "sshd"
+paths = ["/var/log/auth.log"]
+[[logs]]
+service = "web"
+paths = ["/var/log/nginx/*access.log"]
+[redis]
+address = "127.0.0.1:6379"
+password_file = "/etc/mirage/redis.pass"
+[[journal]]
+service = "sshd"
+units = ["ssh.service"]
+"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.logs.len(), 2);
+    assert_eq!(cfg.manager.as_ref().unwrap().heartbeat_secs, 15);
+    assert_eq!(cfg.redis.as_ref().unwrap().acl_log_secs, 10);
+    // A manager supplies the targets: unreal without a sandbox is accepted then.
+    assert!(parse("[manager]\nurl = \"https://m:8443\"\n").is_ok());
+    for (text, key) in [
+        ("[manager]\nurl = \"ftp://m\"\n", "manager.url"),
+        (
+            "mode = \"firewall\"\n[[logs]]\nservice = \"sshd\"\npaths = [\"/var/log/auth.log\"]\n",
+            "server",
+        ),
+        (
+            "mode = \"firewall\"\n[server]\naddress = \"nohost\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n",
+            "server.address",
+        ),
+        (
+            "mode = \"firewall\"\n[server]\naddress = \"s:6514\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n[[logs]]\nservice = \"SSH\"\npaths = [\"/x\"]\n",
+            "logs[0].service",
+        ),
+        (
+            "mode = \"firewall\"\n[server]\naddress = \"s:6514\"\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n[[logs]]\nservice = \"sshd\"\npaths = [\"relative.log\"]\n",
+            "logs[0].paths",
+        ),
+    ] {
+        match parse(text) {
+            Err(ConfigError::Value { key: k, .. }) => assert_eq!(k, key, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+}
