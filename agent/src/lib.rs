@@ -16,4 +16,5 @@ pub mod clock;
 pub mod config;
 pub mod flow;
 pub mod loader;
+pub mod logs;
 pub mod maps;
