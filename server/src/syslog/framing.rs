@@ -268,15 +268,8 @@ fn line_frame(mut buf: BytesMut, max: usize) -> Option<Event> {
     }
 }
 
-/// Encodes one message with octet counting (RFC 6587 §3.4.1, RFC 5425 §4.3): `LEN SP MSG`.
-/// `msg` should not be empty: a count of 0 is not valid framing.
-pub fn frame_octet_counted(msg: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len() + 8);
-    out.extend_from_slice(msg.len().to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(msg.as_bytes());
-    out
-}
+// The sender's side (octet counting) lives in `syslog-wire`, shared with mirage-agent.
+pub use syslog_wire::frame_octet_counted;
 
 #[cfg(test)]
 mod tests {

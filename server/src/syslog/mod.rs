@@ -14,8 +14,9 @@
 //! size, connections, messages per second, idle and handshake timeouts) are applied here, in
 //! [`listen`], and everything dropped is counted.
 //!
-//! Framing and parsing are pure and shared with the agent, which sends
-//! [`format_rfc5424`] messages framed by [`frame_octet_counted`].
+//! Framing and parsing are pure. The agent's side of the wire, [`format_rfc5424`] messages
+//! framed by [`frame_octet_counted`], is the `syslog-wire` crate, shared with mirage-agent and
+//! re-exported here.
 
 pub mod framing;
 pub mod listen;
@@ -24,5 +25,6 @@ pub mod parse;
 pub use framing::{Decoder, Event, FrameError, frame_octet_counted};
 pub use listen::{ListenError, Listeners, Transport, spawn};
 pub use parse::{
-    MIRAGE_SD_ID, Malformed, format_rfc5424, format_rfc5424_with, parse_message, service_for_app,
+    MIRAGE_SD_ID, Malformed, SEQ_PARAM, format_rfc5424, format_rfc5424_with, parse_message,
+    service_for_app,
 };

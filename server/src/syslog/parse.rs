@@ -12,20 +12,16 @@
 //! the MSG from the original text rather than syslog_loose's trimmed slice, so that an agent
 //! line keeps its leading and trailing spaces.
 
-use std::{borrow::Cow, net::SocketAddr};
+use std::net::SocketAddr;
 
 use chrono::{DateTime, Datelike as _, FixedOffset, NaiveDate, SecondsFormat, Utc};
 use syslog_loose::{Message, Protocol, Variant};
 
 use crate::record::{LogRecord, Origin};
 
-/// The SD-ID of the structured-data element the agent adds (32473 is the private enterprise
-/// number RFC 5612 reserves for documentation, as RFC 5424's own examples use).
-pub const MIRAGE_SD_ID: &str = "mirage@32473";
-
-/// PRI of agent-shipped messages: facility user (1), severity informational (6). Detection does
-/// not look at it; rsyslog relays file it somewhere sensible.
-const AGENT_PRI: u8 = 14;
+// The agent's side of the wire (the RFC 5424 it sends) lives in `syslog-wire`, shared with
+// mirage-agent; re-exported here so both ends name one definition.
+pub use syslog_wire::{MIRAGE_SD_ID, SEQ_PARAM, format_rfc5424, format_rfc5424_with};
 
 /// Why a frame or datagram is not a usable syslog message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -123,80 +119,6 @@ pub fn parse_message(raw: &[u8], origin: Origin, peer: SocketAddr) -> Result<Log
         line,
         timestamp: parsed.timestamp.map(|ts| ts.timestamp()),
     })
-}
-
-/// Encodes a log line as the agent sends it: RFC 5424 with the `mirage@32473` element.
-///
-/// `host` and `app` are reduced to what the header allows (printable US-ASCII, at most 255 and
-/// 48 characters, `-` when empty); `unix_ts` out of RFC 3339's years 0 to 9999 is sent as the
-/// NILVALUE. `line` should be one line: it is the MSG as is, so a trailing CR or LF and a
-/// leading BOM would not survive the trip.
-pub fn format_rfc5424(service: &str, host: &str, app: &str, line: &str, unix_ts: i64) -> String {
-    format_rfc5424_with(service, host, app, line, unix_ts, &[])
-}
-
-/// [`format_rfc5424`] with more parameters in the `mirage@32473` element, e.g.
-/// `[("path", "/var/log/vsftpd.log")]`. Names must be SD-NAMEs (printable US-ASCII without
-/// `=`, space, `]` or `"`, at most 32 characters); values are escaped as RFC 5424 §6.3.3 says.
-pub fn format_rfc5424_with(
-    service: &str,
-    host: &str,
-    app: &str,
-    line: &str,
-    unix_ts: i64,
-    extra: &[(&str, &str)],
-) -> String {
-    let timestamp = DateTime::<Utc>::from_timestamp(unix_ts, 0)
-        .filter(|ts| (0..=9999).contains(&ts.year()))
-        .map_or_else(
-            || "-".to_owned(),
-            |ts| ts.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        );
-    let mut out = format!(
-        "<{AGENT_PRI}>1 {timestamp} {} {} - - [{MIRAGE_SD_ID} service=\"",
-        header_field(host, 255),
-        header_field(app, 48),
-    );
-    escape_param(&mut out, service);
-    out.push('"');
-    for (name, value) in extra {
-        out.push(' ');
-        out.push_str(name);
-        out.push_str("=\"");
-        escape_param(&mut out, value);
-        out.push('"');
-    }
-    out.push_str("] ");
-    out.push_str(line);
-    out
-}
-
-/// RFC 5424 §6.3.3: `"`, `\` and `]` in a PARAM-VALUE are escaped with a backslash.
-fn escape_param(out: &mut String, value: &str) {
-    for c in value.chars() {
-        if matches!(c, '"' | '\\' | ']') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-}
-
-/// A header field (HOSTNAME, APP-NAME): `1*N PRINTUSASCII`, or the NILVALUE.
-fn header_field(value: &str, max: usize) -> Cow<'_, str> {
-    let printable = |c: char| c.is_ascii_graphic();
-    if value.is_empty() {
-        Cow::Borrowed("-")
-    } else if value.len() <= max && value.chars().all(printable) {
-        Cow::Borrowed(value)
-    } else {
-        Cow::Owned(
-            value
-                .chars()
-                .map(|c| if printable(c) { c } else { '_' })
-                .take(max)
-                .collect(),
-        )
-    }
 }
 
 /// The year of an RFC 3164 timestamp (which has none): the latest that does not put it more
