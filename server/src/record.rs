@@ -47,4 +47,8 @@ pub struct LogRecord {
     pub line: String,
     /// The header's timestamp (Unix seconds, UTC), if it had one.
     pub timestamp: Option<i64>,
+    /// The agent's sequence number (the `seq` parameter of the `mirage@32473` element), if the
+    /// message had one. On a TLS agent connection the listener drops a number it has already
+    /// handed to detection and acknowledges numbers back; elsewhere it is only carried.
+    pub seq: Option<u64>,
 }

@@ -201,6 +201,7 @@ async fn a_threshold_reached_only_by_the_sum_of_two_servers() {
                 40000 + i
             ),
             timestamp: None,
+            seq: None,
         }
     };
     let va = a.process((0..3).map(line).collect(), NOW).await.unwrap();

@@ -21,6 +21,7 @@ fn record(origin: Origin, service: Option<&str>, line: &str) -> LogRecord {
         service: service.map(str::to_owned),
         line: line.to_owned(),
         timestamp: None,
+        seq: None,
     }
 }
 

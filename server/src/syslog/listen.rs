@@ -10,10 +10,24 @@
 //! is slowed down by TCP itself. UDP cannot be slowed down: datagrams beyond a source's budget,
 //! or arriving while the channel is full, are dropped and counted.
 //!
+//! Exactly-once from agents: RFC 5425 has no acknowledgements, so Mirage adds a small one. An
+//! agent stamps each message with a per-agent sequence number (`seq` in its `mirage@32473`
+//! element, increasing). On a TLS connection from an authenticated agent the reader drops a
+//! message whose number is at or below the highest this server has already handed to detection
+//! for that agent name (a resend after a reconnect), and writes `ack N\n` lines back on the same
+//! connection once every number up to N was handed to detection (or dropped as a duplicate of
+//! one that was): after at most [`ACK_EVERY`] messages, after [`ACK_QUIET`] without input, and
+//! before closing when the listeners shut down. The agent keeps each message on disk until it is
+//! acknowledged and resends the rest, in order, after a reconnect. Messages without `seq`
+//! (rsyslog relays) and other connections are unaffected; nothing is ever written to them. The
+//! numbers are kept in memory: a restarted server accepts a resend of messages whose
+//! acknowledgement it had not written before it died.
+//!
 //! Metrics: `mirage_server_messages_total{transport,origin}` (delivered records),
 //! `mirage_server_malformed_total{transport,reason}`, `mirage_server_dropped_total{reason}`
-//! (`oversized`, `rate`, `queue_full`, `connection_limit`), `mirage_server_connections`
-//! (open TCP and TLS connections) and `mirage_server_tls_handshake_failures_total`.
+//! (`oversized`, `rate`, `queue_full`, `connection_limit`, `duplicate`),
+//! `mirage_server_connections` (open TCP and TLS connections) and
+//! `mirage_server_tls_handshake_failures_total`.
 
 use std::{
     collections::HashMap,
@@ -34,7 +48,7 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{mpsc, watch},
     task::JoinSet,
@@ -64,6 +78,12 @@ const MAX_UDP_SOURCES: usize = 65_536;
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors), so it does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// An agent connection is acknowledged after at most this many sequenced messages.
+pub const ACK_EVERY: u32 = 100;
+/// ... or after this long without input, whichever comes first.
+pub const ACK_QUIET: Duration = Duration::from_millis(200);
+/// How long connections get to write their last acknowledgement when the listeners stop.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A listener's transport, also the `transport` label of the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -363,6 +383,8 @@ struct Shared {
     relay_networks: Vec<IpNet>,
     agent_names: Vec<String>,
     connections: Mutex<Connections>,
+    /// Sequence numbers per agent name (see the module documentation).
+    agents: Mutex<HashMap<String, Arc<AgentProgress>>>,
     warn_connection_limit: Throttle,
     warn_rate: Throttle,
     warn_queue_full: Throttle,
@@ -389,6 +411,7 @@ impl Shared {
             relay_networks: config.trust.relay_networks.clone(),
             agent_names: config.trust.agent_names.clone(),
             connections: Mutex::new(Connections::default()),
+            agents: Mutex::new(HashMap::new()),
             warn_connection_limit: Throttle::new(),
             warn_rate: Throttle::new(),
             warn_queue_full: Throttle::new(),
@@ -402,6 +425,14 @@ impl Shared {
         self.connections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The sequence-number state of the agent called `name` (shared by its connections).
+    fn agent_progress(&self, name: &str) -> Arc<AgentProgress> {
+        // Every update of an entry is atomic, so a panic while holding the lock leaves the
+        // table usable.
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(agents.entry(name.to_owned()).or_default())
     }
 
     /// Counts a new connection from `ip` in, or `None` when a limit is reached.
@@ -489,6 +520,16 @@ fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
     );
     names.retain(|n| !n.is_empty());
     names
+}
+
+/// Where an agent's sequence numbers stand on this server.
+#[derive(Debug, Default)]
+struct AgentProgress {
+    /// Highest number taken by a connection for handing to detection: a message at or below it
+    /// is a duplicate.
+    claimed: AtomicU64,
+    /// Highest number handed to detection: what may be acknowledged.
+    handed: AtomicU64,
 }
 
 /// One open TCP/TLS connection in the table; leaves it when dropped.
@@ -759,6 +800,7 @@ async fn run_accept(
                         acceptor.clone(),
                         Arc::clone(&shared),
                         guard,
+                        stop.clone(),
                     ));
                 }
                 Err(err) => {
@@ -770,6 +812,12 @@ async fn run_accept(
             },
         }
     }
+    // Connections see the stop too: agent connections write their last acknowledgement
+    // before closing. Give them a moment, then close whatever is left.
+    let _ = timeout(CLOSE_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.shutdown().await;
 }
 
@@ -781,10 +829,11 @@ async fn serve_connection(
     acceptor: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     _guard: ConnectionGuard,
+    stop: watch::Receiver<bool>,
 ) {
     let Some(acceptor) = acceptor else {
         let origin = shared.address_origin(peer.ip());
-        read_frames(stream, peer, transport, origin, &shared).await;
+        read_frames(stream, peer, transport, origin, &shared, None, stop).await;
         return;
     };
     let stream = match timeout(shared.handshake_timeout, acceptor.accept(stream)).await {
@@ -802,17 +851,83 @@ async fn serve_connection(
     };
     let origin = shared.certificate_origin(peer, stream.get_ref().1.peer_certificates());
     debug!(origin = ?origin, "TLS peer connected.");
-    read_frames(stream, peer, transport, origin, &shared).await;
+    if let Origin::Agent { name } = &origin {
+        let (reader, writer) = tokio::io::split(stream);
+        let acks = Acks {
+            progress: shared.agent_progress(name),
+            writer: Box::new(writer),
+            last_seen: 0,
+            acked: 0,
+            since_ack: 0,
+        };
+        read_frames(reader, peer, transport, origin, &shared, Some(acks), stop).await;
+    } else {
+        read_frames(stream, peer, transport, origin, &shared, None, stop).await;
+    }
 }
 
-/// Reads one connection until the peer closes, an I/O error, the idle timeout, or the record
-/// channel closes.
+/// The acknowledgement side of an agent's TLS connection.
+struct Acks {
+    progress: Arc<AgentProgress>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    /// Highest number this connection received (handed or dropped as a duplicate).
+    last_seen: u64,
+    /// Highest number acknowledged on this connection.
+    acked: u64,
+    /// Sequenced messages since the last acknowledgement.
+    since_ack: u32,
+}
+
+impl Acks {
+    /// Whether an acknowledgement is owed.
+    fn pending(&self) -> bool {
+        self.last_seen > self.acked
+    }
+
+    /// Writes `ack N` for the highest N this connection received that was handed to
+    /// detection; `false` if writing failed (the connection is done).
+    async fn flush(&mut self, idle: Duration) -> bool {
+        self.since_ack = 0;
+        let ackable = self
+            .last_seen
+            .min(self.progress.handed.load(Ordering::Acquire));
+        if ackable <= self.acked {
+            return true;
+        }
+        let writer = &mut self.writer;
+        let line = format!("ack {ackable}\n");
+        let written = timeout(idle, async {
+            writer.write_all(line.as_bytes()).await?;
+            writer.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                self.acked = ackable;
+                true
+            }
+            Ok(Err(err)) => {
+                debug!(error = %err, "Writing an acknowledgement failed; connection closed.");
+                false
+            }
+            Err(_) => {
+                debug!("The agent does not read its acknowledgements; connection closed.");
+                false
+            }
+        }
+    }
+}
+
+/// Reads one connection until the peer closes, an I/O error, the idle timeout, the listeners
+/// stop, or the record channel closes.
 async fn read_frames<S: AsyncRead + Unpin>(
     mut stream: S,
     peer: SocketAddr,
     transport: Transport,
     origin: Origin,
     shared: &Shared,
+    acks: Option<Acks>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut decoder = Decoder::new(shared.max_message_bytes);
     let mut budget = TokenBucket::new(shared.messages_per_second, Instant::now());
@@ -823,9 +938,29 @@ async fn read_frames<S: AsyncRead + Unpin>(
         origin,
         shared,
         budget: &mut budget,
+        acks,
     };
     loop {
-        let n = match timeout(shared.idle_timeout, stream.read(&mut chunk)).await {
+        let ack_pending = conn.acks.as_ref().is_some_and(Acks::pending);
+        let read = tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                if let Some(acks) = conn.acks.as_mut() {
+                    acks.flush(shared.idle_timeout).await;
+                }
+                return;
+            }
+            read = timeout(shared.idle_timeout, stream.read(&mut chunk)) => read,
+            () = sleep(ACK_QUIET), if ack_pending => {
+                if let Some(acks) = conn.acks.as_mut()
+                    && !acks.flush(shared.idle_timeout).await
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        let n = match read {
             Err(_) => {
                 debug!("Idle timeout; connection closed.");
                 return;
@@ -858,10 +993,22 @@ struct Connection<'a> {
     origin: Origin,
     shared: &'a Shared,
     budget: &'a mut TokenBucket,
+    /// Agent connections over TLS only.
+    acks: Option<Acks>,
 }
 
 impl Connection<'_> {
-    /// Handles one decoder event; `false` when the record channel is closed.
+    /// Acknowledges once [`ACK_EVERY`] sequenced messages have come in since the last time;
+    /// `false` if the connection is done.
+    async fn ack_if_due(&mut self) -> bool {
+        match self.acks.as_mut() {
+            Some(acks) if acks.since_ack >= ACK_EVERY => acks.flush(self.shared.idle_timeout).await,
+            _ => true,
+        }
+    }
+
+    /// Handles one decoder event; `false` when the record channel (or, for an agent, the
+    /// acknowledgement side) is closed.
     async fn handle(&mut self, event: Event) -> bool {
         match event {
             Event::Frame(frame) => {
@@ -888,11 +1035,31 @@ impl Connection<'_> {
                 else {
                     return true;
                 };
+                let seq = match (&mut self.acks, record.seq) {
+                    (Some(acks), Some(seq)) => {
+                        acks.last_seen = acks.last_seen.max(seq);
+                        acks.since_ack += 1;
+                        // Claim the number before handing the record on, so that two
+                        // connections of one agent (an old one not yet timed out and its
+                        // replacement) never both hand the same message to detection.
+                        if acks.progress.claimed.fetch_max(seq, Ordering::AcqRel) >= seq {
+                            count_dropped("duplicate");
+                            debug!(peer = %self.peer, seq, "Already received; dropped.");
+                            return self.ack_if_due().await;
+                        }
+                        Some(seq)
+                    }
+                    _ => None,
+                };
                 if self.shared.tx.send(record).await.is_err() {
                     debug!("Record channel closed; connection closed.");
                     return false;
                 }
                 count_delivered(self.transport, &self.origin);
+                if let (Some(acks), Some(seq)) = (&self.acks, seq) {
+                    acks.progress.handed.fetch_max(seq, Ordering::AcqRel);
+                    return self.ack_if_due().await;
+                }
             }
             Event::Oversized { len } => {
                 count_dropped("oversized");

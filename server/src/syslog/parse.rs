@@ -89,13 +89,16 @@ pub fn parse_message(raw: &[u8], origin: Origin, peer: SocketAddr) -> Result<Log
         .structured_data
         .iter()
         .find(|element| element.id == MIRAGE_SD_ID);
-    let service = mirage
-        .and_then(|element| {
+    let param = |wanted: &str| {
+        mirage.and_then(|element| {
             element
                 .params()
-                .find(|(name, _)| **name == "service")
+                .find(|(name, _)| **name == wanted)
                 .map(|(_, value)| value)
         })
+    };
+    let seq = param(SEQ_PARAM).and_then(|value| value.parse::<u64>().ok());
+    let service = param("service")
         .filter(|service| !service.is_empty())
         .or_else(|| parsed.appname.and_then(service_for_app).map(str::to_owned));
 
@@ -118,6 +121,7 @@ pub fn parse_message(raw: &[u8], origin: Origin, peer: SocketAddr) -> Result<Log
         service,
         line,
         timestamp: parsed.timestamp.map(|ts| ts.timestamp()),
+        seq,
     })
 }
 
@@ -372,6 +376,17 @@ mod tests {
         );
         assert_eq!(r.host, "web-1");
         assert_eq!(r.timestamp, Some(1_795_831_161));
+        assert_eq!(r.seq, None);
+        let r = parse(
+            "<14>1 - h mirage-agent - - [mirage@32473 service=\"sshd\" seq=\"18446744073709551615\"] x",
+        )
+        .unwrap();
+        assert_eq!(r.seq, Some(u64::MAX));
+        // Only the agent's element carries it, and only as a number.
+        let r = parse("<14>1 - h sshd - - [other@1 seq=\"7\"] x").unwrap();
+        assert_eq!(r.seq, None);
+        let r = parse("<14>1 - h sshd - - [mirage@32473 seq=\"-7\"] x").unwrap();
+        assert_eq!(r.seq, None);
         // Without a `service` parameter the APP-NAME decides.
         let r = parse("<14>1 - h sshd - - [mirage@32473 path=\"/var/log/auth.log\"] x").unwrap();
         assert_eq!(r.service.as_deref(), Some("sshd"));

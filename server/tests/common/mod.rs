@@ -36,6 +36,7 @@ pub fn agent_records(service: &str, files: &[&str]) -> Vec<LogRecord> {
             service: Some(service.to_owned()),
             line,
             timestamp: None,
+            seq: None,
         })
         .collect()
 }
