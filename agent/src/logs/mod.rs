@@ -9,6 +9,8 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+pub mod redis;
+
 /// One collected line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
