@@ -265,6 +265,30 @@ fn ops() -> Vec<Op> {
         },
         Op {
             method: "post",
+            path: "/api/v1/agent/flows",
+            summary: "New redirected or reflected flows from the agent's kernel program (its \
+                      flow log lines), up to 1000 per report. A sandbox session whose \
+                      `nat_mapping.nat` is a flow's `nat` is attributed to that flow's attacker.",
+            auth: Auth::Agent,
+            query: &[],
+            body: Some(object(&[(
+                "flows",
+                json!({ "type": "array", "minItems": 1, "maxItems": 1000, "items": object(&[
+                    ("kind", en(&["redirect", "reflect"]), true),
+                    ("model", en(&["preserve-source", "full-nat"]), true),
+                    ("proto", en(&["tcp", "udp"]), true),
+                    ("attacker", s(), true),
+                    ("orig_dst", s(), true),
+                    ("target", s(), true),
+                    ("nat", s(), true),
+                    ("ts_ns", int(), false),
+                ]) }),
+                true,
+            )])),
+            ok: (200, Some(object(&[("accepted", int(), true)]))),
+        },
+        Op {
+            method: "post",
             path: "/api/v1/agent/heartbeat",
             summary: "The agent's state and kernel counters (what `mirage-agent top --json` \
                       prints: global counters and up to 1000 top sources with packets and bytes \

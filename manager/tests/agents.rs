@@ -898,3 +898,106 @@ async fn a_stream_far_behind_gets_every_page_without_waiting() {
         assert_eq!((event.event.as_str(), event.id), ("delta", want));
     }
 }
+
+#[tokio::test]
+async fn agent_flows_attribute_full_nat_sandbox_sessions() {
+    let s = setup().await;
+    let (_, agent) = s.agent("web-1").await;
+    let flow = |attacker: &str, nat: &str| {
+        json!({
+            "kind": "redirect", "model": "full-nat", "proto": "tcp", "attacker": attacker,
+            "orig_dst": "192.0.2.10:22", "target": "198.18.0.2:22", "nat": nat, "ts_ns": 1,
+        })
+    };
+    let report = |body: Value, credential: &str| {
+        bearer(
+            request(Method::POST, "/api/v1/agent/flows", Some(&body)),
+            credential,
+        )
+    };
+    // Validated whole, the error naming the field.
+    for (bad, field) in [
+        (json!({ "flows": [] }), "1 to 1000"),
+        (
+            json!({ "flows": [flow("203.0.113.9:1", "not-an-addr")] }),
+            "flows[0].nat",
+        ),
+        (
+            json!({ "flows": [flow("203.0.113.9:1", "198.18.0.1:20001"), {"kind": "x"}] }),
+            "flows[1]",
+        ),
+    ] {
+        let r = call(&s.app, report(bad, &agent)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert!(r.body.to_string().contains(field), "{}", r.body);
+    }
+    // Agents only.
+    let r = call(
+        &s.app,
+        request(
+            Method::POST,
+            "/api/v1/agent/flows",
+            Some(&json!({ "flows": [flow("203.0.113.9:1", "198.18.0.1:1")] })),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = call(
+        &s.app,
+        report(
+            json!({ "flows": [
+                flow("203.0.113.9:40001", "198.18.0.1:20001"),
+                flow("[2001:db8::66]:40002", "198.18.0.1:20002"),
+            ] }),
+            &agent,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["accepted"], 2);
+
+    // The sandbox saw the NAT address; the session lands on the attacker.
+    let sandbox = manager::auth::new_token();
+    db::service_credentials::insert(
+        &s.db.pool,
+        "sandbox-1",
+        &manager::auth::token_hash(&sandbox),
+        None,
+    )
+    .await
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let session = |id: &str, nat: &str| {
+        json!({
+            "id": id, "sandbox": "sb-1", "addr": "198.18.0.1", "service": "ssh",
+            "nat_mapping": { "nat": nat }, "started_at": now,
+        })
+    };
+    let req = request(
+        Method::POST,
+        "/api/v1/sandbox-sessions",
+        Some(&json!({ "sessions": [
+            session("s1", "198.18.0.1:20001"),
+            session("s2", "198.18.0.1:20002"),
+            session("s3", "198.18.0.1:29999"),
+        ] })),
+    );
+    let r = call(&s.app, bearer(req, &sandbox)).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let addrs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT idempotency_key, host(attacker_addr) FROM sandbox_sessions ORDER BY idempotency_key",
+    )
+    .fetch_all(&s.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        addrs,
+        vec![
+            ("s1".to_owned(), "203.0.113.9".to_owned()),
+            ("s2".to_owned(), "2001:db8::66".to_owned()),
+            ("s3".to_owned(), "198.18.0.1".to_owned()),
+        ]
+    );
+}

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "alerts",
         include_str!("../../migrations/0003_alerts.sql"),
     ),
+    (4, "flows", include_str!("../../migrations/0004_flows.sql")),
 ];
 
 /// The embedded migrations as a sqlx migration source.

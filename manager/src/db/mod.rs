@@ -10,6 +10,7 @@ pub mod audit_log;
 pub mod detections;
 pub mod embedded;
 pub mod evidence;
+pub mod flows;
 pub mod groups;
 pub mod login_attempts;
 pub mod migrate;

@@ -65,7 +65,7 @@ impl SandboxSession {
 }
 
 /// Reported sessions, one vector per column (all the same length).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Reports {
     /// Idempotency keys (unique within the batch).
     pub keys: Vec<String>,

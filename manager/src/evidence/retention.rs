@@ -100,8 +100,15 @@ async fn sweep_with(pool: &PgPool, retention: &Retention) -> Result<Swept, sqlx:
         }
         tokio::task::yield_now().await;
     }
+    // Agents' flow reports only serve attributing sessions that start soon after; a week is
+    // ample and not an operator setting.
+    let flows = db::flows::prune(pool, time::OffsetDateTime::now_utc() - FLOWS_KEEP).await?;
+    metrics::counter!(super::RETENTION_DELETED, "table" => "agent_flows").increment(flows);
     Ok(swept)
 }
+
+/// How long agents' flow reports are kept.
+const FLOWS_KEEP: time::Duration = time::Duration::days(7);
 
 /// Sweeps every `interval` (the first time at once) until the task is aborted.
 pub async fn run(pool: PgPool, interval: Duration) {

@@ -232,10 +232,40 @@ pub struct Outcome {
     pub updated: u64,
 }
 
-/// Stores a validated batch (one statement).
+/// Stores a validated batch (one statement, after the NAT attribution lookup).
+///
+/// A session whose `nat_mapping.nat` names the `addr:port` the sandbox saw is attributed to the
+/// attacker of the newest agent-reported flow translated to that address and port (within the
+/// hour before the session started): with `full-nat` the sandbox only ever sees this host's
+/// NAT address, and the agent's flow report is what ties it back to the attacker. Its `addr`
+/// becomes the attacker's.
 pub async fn store(pool: &PgPool, rows: &Reports) -> Result<Outcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
     db::evidence::no_jit(&mut *tx).await?;
+    let nats: Vec<(usize, (std::net::IpAddr, u16, time::OffsetDateTime))> = rows
+        .nat_mappings
+        .iter()
+        .zip(&rows.started)
+        .enumerate()
+        .filter_map(|(i, (m, started))| {
+            let nat = m.as_ref()?.get("nat")?.as_str()?;
+            let sock = nat.parse::<std::net::SocketAddr>().ok()?;
+            Some((i, (sock.ip().to_canonical(), sock.port(), *started)))
+        })
+        .collect();
+    let mut attributed = None;
+    if !nats.is_empty() {
+        let keys: Vec<_> = nats.iter().map(|(_, k)| *k).collect();
+        let found = db::flows::attackers_behind(&mut *tx, &keys).await?;
+        let mut copy = rows.clone();
+        for ((i, _), attacker) in nats.iter().zip(found) {
+            if let (Some(attacker), Some(slot)) = (attacker, copy.addrs.get_mut(*i)) {
+                *slot = attacker;
+            }
+        }
+        attributed = Some(copy);
+    }
+    let rows = attributed.as_ref().unwrap_or(rows);
     let (inserted, updated) = db::sandbox_sessions::upsert(&mut *tx, rows).await?;
     tx.commit().await?;
     metrics::counter!(super::SANDBOX_SESSIONS, "outcome" => "inserted").increment(inserted);

@@ -1,6 +1,7 @@
 //! The HTTP routes, one module per resource. JSON API under `/api/v1`; `/healthz` and `/metrics`
 //! at the root.
 
+pub mod agent_flows;
 pub mod agent_policy;
 pub mod agents;
 pub mod alerts;
@@ -51,6 +52,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/agent/heartbeat", post(agents::heartbeat))
         .route("/api/v1/agent/stream", get(agent_policy::stream))
         .route("/api/v1/agent/policy", post(agent_policy::poll))
+        .route("/api/v1/agent/flows", post(agent_flows::report))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{id}", delete(agents::revoke))
         .route(
