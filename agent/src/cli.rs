@@ -445,6 +445,10 @@ fn run_agent(
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         // Events written while no agent ran are still in the pinned ring buffer: read them now.
         drain_events(events.get_mut(), flow_log.as_mut());
+        // Log collection and shipping (`[server]`, `[[logs]]`, `[[journal]]`, `[redis]`).
+        let logs = crate::logs::start(&cfg).await.context(
+            "starting log shipping (check [server] ca, cert and key, and that no other agent uses state_dir)",
+        )?;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
@@ -460,6 +464,9 @@ fn run_agent(
                     Err(err) => warn!(error = %err, "Sweeping expired entries failed."),
                 },
             }
+        }
+        if let Some(logs) = logs {
+            logs.shutdown().await;
         }
         anyhow::Ok(())
     })?;

@@ -7,9 +7,21 @@
 //! saves that position only after `send` returned: nothing is read twice or skipped across
 //! restarts. While the queue is full `send` waits (collectors pause; nothing is dropped).
 
-use tokio::sync::{mpsc, oneshot};
-
+pub mod files;
+pub mod journal;
+pub mod offsets;
 pub mod redis;
+pub mod ship;
+
+use std::time::Duration;
+
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::warn;
+
+use crate::config::AgentConfig;
 
 /// One collected line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,5 +79,107 @@ impl Sink {
             .await
             .map_err(|_| SinkError::Closed)?;
         wait.await.map_err(|_| SinkError::Closed)?
+    }
+}
+
+/// The running log pipeline: the shipper and every collector.
+#[derive(Debug)]
+pub struct Handles {
+    shipper: ship::Shipper,
+    stop: watch::Sender<bool>,
+    collectors: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+/// How long collectors get to finish their batch when the agent stops.
+const COLLECTOR_GRACE: Duration = Duration::from_secs(5);
+
+/// Starts log shipping and collection when `[server]` is configured (`None` otherwise): the
+/// shipper (queue in `state_dir/queue`), the files collector for `[[logs]]`, one journal
+/// collector per `[[journal]]`, and the Redis collector for `[redis]`.
+///
+/// # Errors
+///
+/// If the shipper cannot start (TLS files, the queue). Collector problems are logged and
+/// retried by the collectors themselves.
+pub async fn start(cfg: &AgentConfig) -> Result<Option<Handles>, ship::ShipError> {
+    let Some(link) = &cfg.server else {
+        return Ok(None);
+    };
+    let (shipper, sink) =
+        ship::Shipper::start(link, &cfg.state_dir, ship::ShipOptions::default()).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut collectors = Vec::new();
+    if !cfg.logs.is_empty() {
+        let (sources, sink, dir, stop) = (
+            cfg.logs.clone(),
+            sink.clone(),
+            cfg.state_dir.clone(),
+            stop_rx.clone(),
+        );
+        collectors.push((
+            "files",
+            tokio::spawn(async move {
+                let options = files::FilesOptions::default();
+                if let Err(err) = files::run(&sources, sink, &dir, options, stop).await {
+                    warn!(error = %err, "The log-file collector stopped.");
+                }
+            }),
+        ));
+    }
+    for source in &cfg.journal {
+        let (source, sink, dir, stop) = (
+            source.clone(),
+            sink.clone(),
+            cfg.state_dir.clone(),
+            stop_rx.clone(),
+        );
+        collectors.push((
+            "journal",
+            tokio::spawn(async move {
+                let options = journal::JournalOptions::default();
+                journal::run(&source, sink, &dir, options, stop).await;
+            }),
+        ));
+    }
+    // ---- Redis collector (agent/src/logs/redis) ----------------------------------------
+    if let Some(redis_cfg) = cfg.redis.clone() {
+        let (sink, dir, stop) = (sink.clone(), cfg.state_dir.clone(), stop_rx.clone());
+        collectors.push((
+            "redis",
+            tokio::spawn(crate::logs::redis::run(redis_cfg, sink, dir, stop)),
+        ));
+    }
+    // -------------------------------------------------------------------------------------
+    drop(sink);
+    Ok(Some(Handles {
+        shipper,
+        stop,
+        collectors,
+    }))
+}
+
+impl Handles {
+    /// The shipper's counters.
+    pub fn ship_stats(&self) -> &std::sync::Arc<ship::ShipStats> {
+        self.shipper.stats()
+    }
+
+    /// Stops the collectors (each finishes the batch it is queueing and saves its position),
+    /// then the shipper. Whatever is still queued is sent after the next start.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for (name, mut task) in self.collectors {
+            if tokio::time::timeout(COLLECTOR_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                warn!(
+                    collector = name,
+                    "A log collector did not stop in time; stopped."
+                );
+                task.abort();
+            }
+        }
+        self.shipper.shutdown().await;
     }
 }
