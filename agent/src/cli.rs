@@ -27,6 +27,7 @@ use crate::{
     flow::{FlowLog, FlowRecord, ListedFlow},
     loader::{self, LoaderError},
     maps::{Maps, SourceStats},
+    telemetry,
 };
 
 /// mirage-agent: the XDP/TC enforcement point of Mirage.
@@ -443,6 +444,12 @@ fn run_agent(
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        let mut kernel_stats = tokio::time::interval(telemetry::KERNEL_EVERY);
+        if let Some(addr) = cfg.metrics {
+            telemetry::serve(addr)
+                .await
+                .context("starting the metrics listener")?;
+        }
         // Events written while no agent ran are still in the pinned ring buffer: read them now.
         drain_events(events.get_mut(), flow_log.as_mut());
         // Log collection and shipping (`[server]`, `[[logs]]`, `[[journal]]`, `[redis]`).
@@ -458,6 +465,7 @@ fn run_agent(
                     drain_events(guard.get_inner_mut(), flow_log.as_mut());
                     guard.clear_ready();
                 }
+                _ = kernel_stats.tick(), if cfg.metrics.is_some() => telemetry::record_kernel(&maps),
                 _ = sweep.tick() => match maps.sweep_expired() {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "Swept expired attacker entries."),

@@ -18,3 +18,4 @@ pub mod flow;
 pub mod loader;
 pub mod logs;
 pub mod maps;
+pub mod telemetry;
