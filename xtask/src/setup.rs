@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "procps",
     "postgresql-15",
+    // The agent's Redis collector tests start their own redis-server (agent/tests/redis.rs).
+    "redis-server",
     "chromium",
     "chromium-driver",
 ];

@@ -250,8 +250,21 @@ impl Ctx {
 
 /// How a session ended without an error.
 enum Ended {
+    /// `stop` fired.
+    Stopped,
     /// The shipper has stopped: nothing can be shipped any more.
     SinkClosed,
+}
+
+/// Runs `fut` unless `stop` fires first.
+async fn or_stop<T>(
+    stop: &mut watch::Receiver<bool>,
+    fut: impl Future<Output = Result<T, RedisError>>,
+) -> Result<Result<T, Ended>, RedisError> {
+    tokio::select! {
+        () = stopped(stop) => Ok(Err(Ended::Stopped)),
+        r = fut => r.map(Ok),
+    }
 }
 
 /// Waits until `stop` is true or its sender is gone.
@@ -260,13 +273,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Runs `session` again and again until it ends without an error.
-///
-/// A session is dropped wherever it is when `stop` fires (lines read but not yet queued are
-/// lost then, as any `MONITOR` output after the collector stops is; an `ACL LOG` read whose
-/// lines were queued but not yet recorded is shipped again after the restart).
+/// Each session watches `stop` itself, so that it ends only where it is safe to.
 async fn reconnect_loop<F, Fut>(conn: &'static str, mut stop: watch::Receiver<bool>, mut session: F)
 where
-    F: FnMut(Connected) -> Fut,
+    F: FnMut(watch::Receiver<bool>, Connected) -> Fut,
     Fut: Future<Output = Result<Ended, RedisError>>,
 {
     let mut backoff = Backoff::default();
@@ -277,15 +287,13 @@ where
         }
         let connected = Connected::new(conn);
         let established = connected.flag.clone();
-        let result = tokio::select! {
-            () = stopped(&mut stop) => return,
-            r = session(connected) => r,
-        };
+        let result = session(stop.clone(), connected).await;
         if established.load(Ordering::Relaxed) {
             backoff.reset();
             report.recovered();
         }
         match result {
+            Ok(Ended::Stopped) => return,
             Ok(Ended::SinkClosed) => {
                 tracing::info!(conn, "The log shipper has stopped; Redis collection ends.");
                 return;
@@ -336,7 +344,14 @@ impl Drop for Connected {
 
 /// The `MONITOR` connection, reconnected forever.
 async fn monitor_loop(ctx: &Ctx, stop: watch::Receiver<bool>) {
-    reconnect_loop("monitor", stop, |connected| monitor_session(ctx, connected)).await;
+    reconnect_loop("monitor", stop, |mut stop, connected| async move {
+        // Anywhere is a safe place to stop: `MONITOR` has no position to save (lines read but
+        // not yet queued are lost, as any output after the collector stops is).
+        match or_stop(&mut stop, monitor_session(ctx, connected)).await? {
+            Ok(ended) | Err(ended) => Ok(ended),
+        }
+    })
+    .await;
 }
 
 async fn monitor_session(ctx: &Ctx, connected: Connected) -> Result<Ended, RedisError> {
@@ -410,8 +425,8 @@ async fn ship(ctx: &Ctx, lines: Vec<LogLine>) -> Result<Option<Ended>, RedisErro
 /// The `ACL LOG` connection, reconnected forever; the state lives across reconnects.
 async fn acl_loop(ctx: &Ctx, state_dir: &std::path::Path, stop: watch::Receiver<bool>) {
     let state = tokio::sync::Mutex::new(AclState::load(state_dir, &ctx.cfg.address));
-    reconnect_loop("acl-log", stop, |connected| {
-        acl_session(ctx, &state, connected)
+    reconnect_loop("acl-log", stop, |stop, connected| {
+        acl_session(ctx, &state, stop, connected)
     })
     .await;
 }
@@ -419,15 +434,28 @@ async fn acl_loop(ctx: &Ctx, state_dir: &std::path::Path, stop: watch::Receiver<
 async fn acl_session(
     ctx: &Ctx,
     state: &tokio::sync::Mutex<AclState>,
+    mut stop: watch::Receiver<bool>,
     connected: Connected,
 ) -> Result<Ended, RedisError> {
+    // `stop` is obeyed while connecting, waiting for Redis, waiting for the sink (the lines
+    // are then shipped again after a restart: at least once) and sleeping; never between the
+    // sink's acknowledgement and the saved state, so a clean shutdown re-ships nothing.
     let mut state = state.lock().await;
-    let (mut conn, _own) = ctx.open(true).await?;
+    let (mut conn, _own) = match or_stop(&mut stop, ctx.open(true)).await? {
+        Ok(c) => c,
+        Err(ended) => return Ok(ended),
+    };
     let interval = Duration::from_secs(ctx.cfg.acl_log_secs);
     loop {
-        let reply = conn
-            .call("ACL LOG", &[b"ACL", b"LOG", acl::READ_COUNT])
-            .await?;
+        let reply = match or_stop(
+            &mut stop,
+            conn.call("ACL LOG", &[b"ACL", b"LOG", acl::READ_COUNT]),
+        )
+        .await?
+        {
+            Ok(reply) => reply,
+            Err(ended) => return Ok(ended),
+        };
         connected.established(&ctx.cfg.address);
         let entries = acl::parse(&reply)?;
         if state.first_sight() {
@@ -447,8 +475,9 @@ async fn acl_session(
             })
             .collect();
         let n = lines.len() as u64;
-        if let Some(ended) = ship(ctx, lines).await? {
-            return Ok(ended);
+        match or_stop(&mut stop, ship(ctx, lines)).await? {
+            Ok(None) => {}
+            Ok(Some(ended)) | Err(ended) => return Ok(ended),
         }
         metrics::counter!("mirage_agent_redis_lines_total", "source" => "acl-log").increment(n);
         state.record(&entries);
@@ -458,7 +487,10 @@ async fn acl_session(
             metrics::counter!("mirage_agent_redis_errors_total", "kind" => err.kind()).increment(1);
             tracing::warn!(error = %Chain(&err), "ACL LOG state not saved; entries may be shipped again after an agent restart.");
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = stopped(&mut stop) => return Ok(Ended::Stopped),
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }
 
