@@ -154,6 +154,8 @@ pub enum Command {
     },
     /// Remove the programs from every interface and delete the pinned state.
     Detach,
+    /// Enroll with the manager: trade a one-time token for this agent's credential.
+    Enroll(crate::sync::enroll::EnrollArgs),
 }
 
 /// Runs a parsed command line.
@@ -204,6 +206,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::List { json, flows: true } => list_flows(&root, json),
         Command::List { json, flows: false } => list(&root, json),
         Command::Top { once, json, limit } => top(&root, once, json, limit),
+        Command::Enroll(args) => crate::sync::enroll::run(&args),
         Command::Detach => {
             let ifaces = loader::detach(&root).context("detaching")?;
             if ifaces.is_empty() {
@@ -443,6 +446,9 @@ fn run_agent(
             .context("registering the flow-event ring buffer with epoll")?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
+        // Policy from the manager (`[manager]`): its tasks hold their own handles on the pinned
+        // maps and stop when this handle drops.
+        let _policy_sync = crate::sync::start(&cfg, &dir).context("starting the policy sync")?;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         let mut kernel_stats = tokio::time::interval(telemetry::KERNEL_EVERY);
         if let Some(addr) = cfg.metrics {

@@ -18,4 +18,5 @@ pub mod flow;
 pub mod loader;
 pub mod logs;
 pub mod maps;
+pub mod sync;
 pub mod telemetry;
