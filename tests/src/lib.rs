@@ -15,4 +15,5 @@ pub mod netns;
 pub mod object;
 pub mod packet;
 pub mod probe;
+pub mod relay;
 pub mod sandbox_lab;

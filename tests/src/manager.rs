@@ -24,7 +24,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running manager.
 pub struct ManagerProcess {
-    child: Child,
+    /// `None` while stopped ([`ManagerProcess::stop`]).
+    child: Option<Child>,
     dir: PathBuf,
     addr: SocketAddr,
     password: String,
@@ -48,16 +49,13 @@ impl ManagerProcess {
                 dir.join("data").display()
             ),
         )?;
-        let mut child = Command::new(binary("mirage-manager"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting mirage-manager (built by `cargo xtask demo`)")?;
-        let stderr = child.stderr.take().context("no stderr")?;
+        let mut me = Self {
+            child: None,
+            dir,
+            addr,
+            password: String::new(),
+        };
+        let stderr = me.spawn()?;
         // Read stderr on a thread: the password comes first; the rest is drained so the pipe
         // never fills.
         let (tx, rx) = mpsc::channel::<String>();
@@ -73,26 +71,66 @@ impl ManagerProcess {
                 }
             }
         });
-        let mut me = Self {
-            child,
-            dir,
-            addr,
-            password: String::new(),
-        };
         me.password = rx
             .recv_timeout(START_TIMEOUT)
             .context("mirage-manager printed no first-start password")?;
+        me.wait_listening()?;
+        Ok(me)
+    }
+
+    fn spawn(&mut self) -> Result<std::process::ChildStderr> {
+        let mut child = Command::new(binary("mirage-manager"))
+            .args(["serve", "--config"])
+            .arg(self.dir.join("manager.toml"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting mirage-manager (built by `cargo xtask demo`)")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        self.child = Some(child);
+        Ok(stderr)
+    }
+
+    fn wait_listening(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Some(status) = me.child.try_wait()? {
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
                 bail!("mirage-manager exited: {status}");
             }
             if Instant::now() > deadline {
-                bail!("mirage-manager does not listen on {addr}");
+                bail!("mirage-manager does not listen on {}", self.addr);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(me)
+        Ok(())
+    }
+
+    /// Stops the manager (SIGTERM: it stops its cluster too) and keeps its data directory, so
+    /// that [`ManagerProcess::restart`] brings the same manager back.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+
+    /// Starts the stopped manager again, on the same address with the same data, and waits
+    /// until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let stderr = self.spawn()?;
+        std::thread::spawn(move || {
+            for _ in BufReader::new(stderr).lines().map_while(Result::ok) {}
+        });
+        self.wait_listening()
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -110,31 +148,36 @@ impl ManagerProcess {
         &self.dir
     }
 
-    /// The manager's PID.
+    /// The manager's PID (0 while stopped).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 }
 
 impl Drop for ManagerProcess {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: signalling our own child by PID.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGTERM, then a wait; SIGKILL only if it hangs.
+fn terminate(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: signalling our own child, not yet reaped, by PID.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+        }
     }
 }
 

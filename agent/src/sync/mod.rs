@@ -76,9 +76,12 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A stream that stayed up this long was healthy: the backoff starts over.
 const HEALTHY: Duration = Duration::from_secs(10);
-/// Delay between attempts while the manager refuses the credential (401/403) or there is
-/// none: an operator has to act, and retrying fast would only fill the logs.
+/// Delay between attempts while the manager refuses the credential (401/403): an operator has
+/// to act, and retrying fast would only fill the logs.
 const AUTH_RETRY: Duration = Duration::from_secs(60);
+/// Delay between looks for a credential file while there is none (`mirage-agent enroll` may
+/// write it any time).
+const NO_CREDENTIAL_RETRY: Duration = Duration::from_secs(5);
 /// Silence after which the stream is taken for dead (the manager sends a comment every 15 s).
 const IDLE: Duration = Duration::from_secs(45);
 /// Largest event accepted (a million-entry snapshot is about 70 MB).
@@ -261,8 +264,10 @@ impl Backoff {
 /// Why a stream ended.
 #[derive(Debug)]
 enum End {
-    /// The manager refused the credential, or there is none: retry slowly.
+    /// The manager refused the credential: retry slowly.
     Auth(String),
+    /// There is no usable credential file: look for one again shortly.
+    NoCredential(String),
     /// The agent needs a snapshot: reconnect without `Last-Event-ID`.
     Resync(String),
     /// Anything else: reconnect with backoff.
@@ -283,15 +288,21 @@ async fn run_stream(applier: Arc<Mutex<Applier>>, link: Link, tx: watch::Sender<
     }
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut want_snapshot = false;
+    // Failed attempts in a row: the first is a warning, the rest are quieter until it works.
+    let mut failures = 0u32;
     loop {
         refresh_auto_allowlist(&applier, &link).await;
         let opened = Instant::now();
         let end = stream_once(&applier, &link, &tx, want_snapshot).await;
+        if tx.borrow().connected {
+            failures = 0;
+        }
         tx.send_modify(|s| s.connected = false);
         ::metrics::gauge!(metric::STREAM_CONNECTED).set(0.0);
         want_snapshot = false;
         if opened.elapsed() >= HEALTHY {
             backoff.reset();
+            failures = 0;
         }
         let delay = match end {
             End::Auth(why) => {
@@ -301,6 +312,13 @@ async fn run_stream(applier: Arc<Mutex<Applier>>, link: Link, tx: watch::Sender<
                 );
                 AUTH_RETRY
             }
+            End::NoCredential(why) => {
+                if failures == 0 {
+                    error!(reason = %why, "No manager credential; enforcement continues unchanged.");
+                }
+                failures = failures.saturating_add(1);
+                NO_CREDENTIAL_RETRY
+            }
             End::Resync(why) => {
                 warn!(reason = %why, "Requesting a policy snapshot.");
                 want_snapshot = true;
@@ -308,11 +326,21 @@ async fn run_stream(applier: Arc<Mutex<Applier>>, link: Link, tx: watch::Sender<
             }
             End::Lost(why) => {
                 let delay = backoff.next_delay(&mut rand::thread_rng());
-                warn!(
-                    reason = %why,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "Policy stream to the manager lost; enforcement continues unchanged."
-                );
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    warn!(
+                        reason = %why,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "Policy stream to the manager lost; enforcement continues unchanged."
+                    );
+                } else {
+                    info!(
+                        reason = %why,
+                        attempts = failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "The manager is still unreachable; enforcement continues unchanged."
+                    );
+                }
                 delay
             }
         };
@@ -329,7 +357,7 @@ async fn stream_once(
 ) -> End {
     let auth = match client::bearer(&link.credential) {
         Ok(v) => v,
-        Err(err) => return End::Auth(err.to_string()),
+        Err(err) => return End::NoCredential(err.to_string()),
     };
     let revision = lock(applier).revision();
     let mut req = link
@@ -342,7 +370,7 @@ async fn stream_once(
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(err) => return End::Lost(format!("connecting: {err}")),
+        Err(err) => return End::Lost(format!("connecting: {}", error_chain(&err))),
     };
     match resp.status() {
         s if s.is_success() => {}
@@ -361,7 +389,7 @@ async fn stream_once(
         let chunk = match tokio::time::timeout(IDLE, body.next()).await {
             Err(_) => return End::Lost(format!("no data for {} s", IDLE.as_secs())),
             Ok(None) => return End::Lost("the manager closed the stream".to_owned()),
-            Ok(Some(Err(err))) => return End::Lost(format!("reading: {err}")),
+            Ok(Some(Err(err))) => return End::Lost(format!("reading: {}", error_chain(&err))),
             Ok(Some(Ok(chunk))) => chunk,
         };
         if let Err(err) = parser.push(&chunk) {
