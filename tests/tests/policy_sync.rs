@@ -45,6 +45,79 @@ impl Drop for DirGuard {
     }
 }
 
+/// A real `mirage-server run` on loopback: plain UDP syslog from a relay network, verdicts to
+/// the manager. Stopped (SIGTERM, by PID) on drop; its directory goes with the caller's guard.
+struct ServerProcess {
+    child: std::process::Child,
+    udp: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    fn start(dir: &Path, manager: std::net::SocketAddr, credential: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let credential_file = dir.join("server.credential");
+        std::fs::write(&credential_file, format!("{credential}\n")).unwrap();
+        std::fs::set_permissions(&credential_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[listen]\nudp = [\"{udp}\"]\n\n[trust]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
+                 [manager]\nurl = \"http://{manager}\"\ncredential_file = \"{}\"\n\n\
+                 [queue]\ndir = \"{}\"\n",
+                credential_file.display(),
+                dir.join("queue").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("server.log");
+        let child = Command::new(binary("mirage-server"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "server=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, udp, log }
+    }
+
+    /// Sends `n` sshd failed-password lines for `addr`, as rsyslog relays them (RFC 5424).
+    fn failed_passwords(&self, addr: &str, n: usize) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        for i in 0..n {
+            let line = format!(
+                "<38>1 {ts} lab-host sshd 4121 - - Failed password for root from {addr} port {} ssh2",
+                50000 + i
+            );
+            sock.send_to(line.as_bytes(), self.udp).unwrap();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, not yet reaped, by PID.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// The manager's JSON API as an admin.
 struct Api {
     http: reqwest::Client,
@@ -398,6 +471,34 @@ fn policy_follows_the_manager_and_survives_its_absence() {
     assert!(live_attackers(&agent).contains(&(ATTACKER_V4.to_string().parse().unwrap(), "drop")));
     assert!(!attacker_reaches_host(&lab));
     assert!(legit_reaches_host(&lab));
+
+    // The whole pipeline: sshd lines to a real mirage-server, its verdict to the manager, the
+    // delta to the agent. The rule's action is `redirect` (no sandbox in this lab: the map is
+    // what is checked).
+    {
+        let server_dir = DirGuard(std::env::temp_dir().join(format!("mirage-agent-{tag}-server")));
+        let server = ServerProcess::start(&server_dir.0, manager.addr(), &server_credential);
+        let flagged = "198.18.0.70";
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !has(&agent, flagged) {
+            assert!(
+                Instant::now() < deadline,
+                "the server's verdict never reached the map\n--- server ---\n{}\n--- agent ---\n{}",
+                server.log(),
+                agent.log()
+            );
+            // Five lines make the rule fire; sent again until the server listens.
+            server.failed_passwords(flagged, 5);
+            thread::sleep(Duration::from_millis(500));
+        }
+        assert!(
+            live_attackers(&agent).contains(&(flagged.parse().unwrap(), "redirect")),
+            "{:?}",
+            live_attackers(&agent)
+        );
+        drop(server);
+        api.unblock(flagged);
+    }
 
     // A manual unblock removes it.
     api.unblock(&ATTACKER_V4.to_string());
