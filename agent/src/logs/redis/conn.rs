@@ -1,7 +1,7 @@
 //! One connection to Redis: TCP with keepalive, `AUTH`, commands with a reply deadline, and
 //! reads of the `MONITOR` stream.
 
-use std::{fmt, io, net::SocketAddr, path::Path, time::Duration};
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -161,21 +161,6 @@ impl Conn {
                 return Err(RedisError::Closed);
             }
             self.dec.feed(&self.rbuf[..n]);
-        }
-    }
-
-    /// The next value if one is buffered or can be read without waiting.
-    pub(super) fn try_read(&mut self) -> Result<Option<Value>, RedisError> {
-        loop {
-            if let Some(v) = self.dec.decode()? {
-                return Ok(Some(v));
-            }
-            match self.stream.try_read(&mut self.rbuf) {
-                Ok(0) => return Err(RedisError::Closed),
-                Ok(n) => self.dec.feed(&self.rbuf[..n]),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(source) => return Err(RedisError::Io { op: "read", source }),
-            }
         }
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! Metrics: `mirage_agent_redis_connected{conn="monitor"|"acl-log"}` (1 while that connection
 //! is established), `mirage_agent_redis_lines_total{source="monitor"|"acl-log"}` (lines handed
-//! to the shipper) and `mirage_agent_redis_errors_total{kind}` (see [`RedisError::kind`]).
+//! to the shipper), `mirage_agent_redis_dropped_total` (`MONITOR` lines dropped because the
+//! shipper did not keep up; see `monitor_session`) and `mirage_agent_redis_errors_total{kind}`
+//! (see [`RedisError::kind`]).
 
 mod acl;
 mod conn;
@@ -31,7 +33,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use self::{
     acl::AclState,
@@ -51,6 +53,8 @@ pub const SOURCE_ACL_LOG: &str = "redis:acl-log";
 
 /// Most `MONITOR` lines handed to the sink at once.
 const MAX_BATCH: usize = 1024;
+/// Most `MONITOR` lines read and waiting for the sink (at most 8 KiB each, 32 MiB in all).
+const MONITOR_BUFFER: usize = 4096;
 
 /// First reconnect delay (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -359,31 +363,62 @@ async fn monitor_session(ctx: &Ctx, connected: Connected) -> Result<Ended, Redis
     let reply = conn.call("MONITOR", &[b"MONITOR"]).await?;
     expect_ok("MONITOR", reply)?;
     connected.established(&ctx.cfg.address);
-    loop {
-        let first = conn.read().await?;
-        // Everything that is already here goes in the same batch: one durable append per
-        // batch keeps up with a busy server, and the socket is drained between appends.
-        let mut lines = Vec::new();
-        let mut next = Some(first);
-        while let Some(value) = next {
-            if let Some(line) = monitor_line(ctx, value)? {
-                lines.push(line);
+    // The socket is read all the time, whatever the shipper does. Redis buffers a monitor's
+    // output without limit (a monitor is a `normal` client: `client-output-buffer-limit normal
+    // 0 0 0`), so a collector that stopped reading while the shipper's queue is full (the
+    // server unreachable for hours) would grow the production Redis until it runs out of
+    // memory. Lines that do not fit in the buffer are dropped and counted instead.
+    let (tx, mut rx) = mpsc::channel(MONITOR_BUFFER);
+    let ship_all = async {
+        let mut lines = Vec::with_capacity(MAX_BATCH);
+        loop {
+            // Everything waiting goes in one batch: one durable append per batch keeps up
+            // with a busy server.
+            if rx.recv_many(&mut lines, MAX_BATCH).await == 0 {
+                return Err(RedisError::Closed);
             }
-            next = if lines.len() < MAX_BATCH {
-                conn.try_read()?
-            } else {
-                None
-            };
+            let n = lines.len() as u64;
+            if let Some(ended) = ship(ctx, std::mem::take(&mut lines)).await? {
+                return Ok(ended);
+            }
+            metrics::counter!("mirage_agent_redis_lines_total", "source" => "monitor").increment(n);
         }
-        if lines.is_empty() {
+    };
+    tokio::select! {
+        r = read_monitor(ctx, &mut conn, tx) => r,
+        r = ship_all => r,
+    }
+}
+
+/// Reads the `MONITOR` stream into `tx` until the connection fails.
+async fn read_monitor(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    tx: mpsc::Sender<LogLine>,
+) -> Result<Ended, RedisError> {
+    let mut dropped: u64 = 0;
+    loop {
+        let value = conn.read().await?;
+        let Some(line) = monitor_line(ctx, value)? else {
             continue;
-        }
-        let n = lines.len() as u64;
-        match ship(ctx, lines).await? {
-            Some(ended) => return Ok(ended),
-            None => {
-                metrics::counter!("mirage_agent_redis_lines_total", "source" => "monitor")
-                    .increment(n);
+        };
+        match tx.try_send(line) {
+            Ok(()) if dropped > 0 => {
+                tracing::warn!(
+                    dropped,
+                    "The shipper caught up; MONITOR lines were dropped meanwhile."
+                );
+                dropped = 0;
+            }
+            Ok(()) => {}
+            Err(_) => {
+                if dropped == 0 {
+                    tracing::warn!(
+                        "The shipper is not keeping up; MONITOR lines are dropped (Redis is read on, so that it does not buffer them)."
+                    );
+                }
+                dropped += 1;
+                metrics::counter!("mirage_agent_redis_dropped_total").increment(1);
             }
         }
     }

@@ -668,3 +668,68 @@ async fn stops_while_redis_is_unreachable_and_when_the_sink_closes() {
         .expect("the collector ends with the sink")
         .unwrap();
 }
+
+/// A stalled shipper must not make Redis buffer the monitor's output (without limit, for a
+/// `normal` client): the collector reads on, drops what does not fit, and ships again once the
+/// shipper is back.
+#[tokio::test]
+async fn monitor_reads_on_while_the_shipper_is_stalled() {
+    let fake = Fake::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mut rx) = Sink::channel(1);
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(run(
+        config(fake.addr(), None, 0),
+        sink,
+        dir.path().to_owned(),
+        stop,
+    ));
+    let mut c = fake.accept().await;
+    assert_eq!(c.command().await, ["MONITOR"]);
+    c.reply(&ok()).await;
+
+    // 16 MB of lines while nobody takes the batches: far more than the socket buffers and
+    // the collector's own buffer hold, so the write completes only if the collector reads.
+    let line = b"+1795831163.654534 [0 10.77.0.66:1] \"GET\" \"some-key-of-a-busy-app\"\r\n";
+    let burst: Vec<u8> = line.repeat(16 * 1024 * 1024 / line.len());
+    tokio::time::timeout(Duration::from_secs(60), c.send(&burst))
+        .await
+        .expect("the collector keeps reading while the shipper is stalled");
+
+    // The shipper is back: batches flow again, and a later line arrives (sent until one does:
+    // while the buffer is still full a line is dropped like the burst's).
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((batch, done)) = rx.recv().await {
+            let _ = done.send(Ok(()));
+            let _ = lines_tx.send(batch);
+        }
+    });
+    let mut shipped = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    'resend: loop {
+        c.send(b"+1795831199.000001 [0 10.77.0.66:1] \"GET\" \"after\"\r\n")
+            .await;
+        let wait = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(batch)) = tokio::time::timeout_at(wait, lines.recv()).await {
+            shipped += batch.len();
+            if batch.iter().any(|l| l.line.contains("\"after\"")) {
+                break 'resend;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing shipped after the stall"
+        );
+    }
+    assert!(
+        shipped < burst.len() / line.len(),
+        "some lines were dropped"
+    );
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the collector stops")
+        .unwrap();
+}
