@@ -84,13 +84,19 @@ impl RedisServer {
                      (`cargo xtask setup` does)"
                 )
             });
-        let server = Self {
+        let mut server = Self {
             child: Some(child),
             port,
             dir: dir.to_owned(),
         };
         let deadline = Instant::now() + DEADLINE;
         loop {
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "redis-server exited ({status}); see {}",
+                    dir.join("redis.log").display()
+                );
+            }
             if let Ok(mut c) = Client::connect(&server.address()).await
                 && c.call(&["AUTH", PASSWORD]).await == Value::Simple(b"OK".to_vec())
                 && c.call(&["PING"]).await == Value::Simple(b"PONG".to_vec())

@@ -206,6 +206,9 @@ pub async fn run(cfg: RedisSource, sink: Sink, state_dir: PathBuf, stop: watch::
         mode_warned: AtomicBool::new(false),
     };
     tracing::info!(address = %ctx.cfg.address, acl_log_secs = ctx.cfg.acl_log_secs, "Redis collector started.");
+    if ctx.cfg.username.is_some() && ctx.cfg.password_file.is_none() {
+        tracing::warn!("redis.username is set but redis.password_file is not: no AUTH is sent.");
+    }
     let acl = async {
         if ctx.cfg.acl_log_secs > 0 {
             acl_loop(&ctx, &state_dir, stop.clone()).await;
