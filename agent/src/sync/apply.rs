@@ -345,6 +345,13 @@ impl Applier {
         if self.state.revision.is_some_and(|r| delta.revision <= r) {
             return Ok(DeltaOutcome::Stale);
         }
+        if self.state.revision.is_none() {
+            // Deltas mean something only over a snapshot.
+            return Err(ApplyError::Delta(PolicyError::Delta {
+                revision: delta.revision,
+                reason: "a delta before any snapshot".to_owned(),
+            }));
+        }
         let started = Instant::now();
         let change = delta
             .change(self.state.group())
