@@ -1,4 +1,4 @@
-//! The Mirage demo (`cargo xtask demo`, as root), in two acts.
+//! The Mirage demo (`cargo xtask demo`, as root), in three acts.
 //!
 //! 1. The firewall: a protected host, a legitimate client and an attacker in three network
 //!    namespaces; `mirage-agent` protects the host's interface in firewall mode. Both clients
@@ -9,6 +9,10 @@
 //!    attacker, its new connections to the host's SSH port land in the sandbox, which sees the
 //!    attacker's real address, while the attacker's socket still talks to the host's address; the
 //!    legitimate client and the attacker's connection from before the flag keep the real service.
+//! 3. The control plane: a real `mirage-manager` with its embedded PostgreSQL; the lab's agent
+//!    enrolls with a one-time token and holds its policy stream; a verdict posted the way
+//!    `mirage-server` posts it reaches the agent's kernel map by itself, in milliseconds, and the
+//!    attacker is dropped.
 //!
 //! Each act's lab, agent and pins are removed at its end, also on failure (RAII guards). Exits
 //! non-zero if anything did not behave as shown.
@@ -25,12 +29,14 @@ use std::{
     time::Duration,
 };
 
+use agent::{loader, maps::Maps};
 use anyhow::{Context as _, Result};
 use tests::{
-    lab::{ATTACKER_V4, Agent, HOST_IFACE, HOST_V4, LEGIT_V4, Lab, ping},
+    lab::{ATTACKER_V4, Agent, HOST_IFACE, HOST_V4, LEGIT_V4, Lab, binary, ping},
     manager::ManagerProcess,
-    netns::Netns,
+    netns::{Netns, unique_tag},
     probe::{EchoServer, tcp_echo_roundtrip, udp_echo_roundtrip},
+    relay::Relay,
     sandbox_lab::{
         Exchange, HOST_SANDBOX_V4, RedirectModel, SANDBOX_IFACE, SANDBOX_SSH_PORT, SANDBOX_V4,
         SSH_PORT, SandboxAgent, SandboxLab, Session, tcp_ask,
@@ -100,9 +106,9 @@ fn run(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
     Ok(cleanup)
 }
 
-/// Act 3: the control plane. A real `mirage-manager` with its own embedded PostgreSQL; a verdict
-/// as `mirage-server` reports it; the agent's policy stream receives the change; the entry is
-/// applied to the lab's agent and the attacker is dropped.
+/// Act 3: the control plane. A real `mirage-manager` with its own embedded PostgreSQL; the lab's
+/// agent enrolls with a one-time token and holds its policy stream; a verdict as `mirage-server`
+/// reports it reaches the agent's kernel map by itself and the attacker is dropped.
 fn control_plane_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> {
     println!();
     println!(
@@ -112,8 +118,9 @@ fn control_plane_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> 
     println!(
         "mirage-server reports verdicts to mirage-manager, which keeps attackers, evidence and\n\
          policy in PostgreSQL and pushes every change to the agents over one authenticated\n\
-         stream each. Here the manager runs for real, with the embedded PostgreSQL cluster it\n\
-         starts itself; the verdict is posted the way mirage-server posts it."
+         stream each; the agent applies it to its kernel maps itself. Here the manager runs for\n\
+         real, with the embedded PostgreSQL cluster it starts itself; the verdict is posted the\n\
+         way mirage-server posts it."
     );
     heading(
         style,
@@ -123,39 +130,62 @@ fn control_plane_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> 
     let lab = Lab::new().context("building the lab")?;
     let echo_addr = SocketAddr::new(IpAddr::V4(HOST_V4), ECHO_PORT);
     let echo = EchoServer::start(lab.host.name(), echo_addr).context("starting the echo server")?;
-    let agent = Agent::start(&lab.host, &["--mode", "firewall"]).context("starting the agent")?;
     let manager = ManagerProcess::start().context("starting mirage-manager")?;
+    // The agent lives in the lab's host namespace, whose loopback is its own: a relay there
+    // reaches the manager's loopback listener.
+    let relay = Relay::start(lab.host.name(), 0, manager.addr()).context("starting the relay")?;
+    let tag = unique_tag();
+    let state = DirGuard(std::env::temp_dir().join(format!("mirage-agent-{tag}-state")));
+    let config = DirGuard(std::env::temp_dir().join(format!("mirage-agent-{tag}.toml")));
     println!(
         "  $ mirage-manager serve --config {}/manager.toml",
         manager.dir().display()
     );
     println!(
         "  Listening on {} (PID {}); cluster in {}/data/postgres; first-start admin password\n  \
-         printed once (only its argon2id hash is stored).",
+         printed once (only its argon2id hash is stored). The agent reaches it as\n  \
+         http://{} from the host namespace.",
         manager.base_url(),
         manager.pid(),
-        manager.dir().display()
+        manager.dir().display(),
+        relay.addr()
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a tokio runtime")?;
     let outcome = runtime.block_on(control_plane_steps(
-        style, checks, &manager, &agent, &lab, echo_addr,
+        style,
+        checks,
+        &manager,
+        &relay,
+        &lab,
+        echo_addr,
+        (&state.0, &config.0),
     ));
     let dir = manager.dir().to_owned();
     let names: Vec<String> = [&lab.host, &lab.legit, &lab.attacker, &lab.lan]
         .iter()
         .map(|ns| ns.name().to_owned())
         .collect();
+    drop(relay);
     drop(manager);
     drop(echo);
-    drop(agent);
     drop(lab);
+    let state_dir = state.0.clone();
+    drop(state);
+    drop(config);
     outcome?;
     checks.expect(
         !dir.exists(),
         &format!("the manager's data directory {} is removed", dir.display()),
+    );
+    checks.expect(
+        !state_dir.exists(),
+        &format!(
+            "the agent's state directory {} is removed",
+            state_dir.display()
+        ),
     );
     let remaining = netns_list()?;
     checks.expect(
@@ -164,25 +194,48 @@ fn control_plane_act(style: &Style, checks: &mut Checks) -> Result<Vec<String>> 
     );
     Ok(vec![
         "stopped mirage-manager (SIGTERM: it stopped its PostgreSQL cluster), removed its data directory".to_owned(),
+        "removed the agent's state directory (credential, applied policy)".to_owned(),
         format!("deleted the namespaces {}", names.join(", ")),
     ])
+}
+
+/// Removes a file or directory on drop.
+struct DirGuard(std::path::PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+    }
+}
+
+/// Whether `addr` has a live entry in the agent's pinned attacker map.
+fn in_kernel_map(agent: &Agent, addr: IpAddr) -> Result<Option<&'static str>> {
+    let maps = Maps::open_pinned(&loader::pin_dir(agent.root()))?;
+    let now = agent::clock::boottime_ns();
+    Ok(maps
+        .attackers()?
+        .into_iter()
+        .find(|(n, e)| n.is_host() && n.addr() == addr && !e.expired(now))
+        .map(|(_, e)| {
+            agent_common::Action::try_from(e.action).map_or("?", agent_common::Action::name)
+        }))
 }
 
 async fn control_plane_steps(
     style: &Style,
     checks: &mut Checks,
     manager: &ManagerProcess,
-    agent: &Agent,
+    relay: &Relay,
     lab: &Lab,
     echo_addr: SocketAddr,
+    (state, config): (&std::path::Path, &std::path::Path),
 ) -> Result<()> {
-    use futures_util::StreamExt as _;
     let base = manager.base_url();
     let http = reqwest::Client::new();
     heading(
         style,
         13,
-        "An operator logs in; a server credential and an agent enrollment",
+        "An operator logs in; a server credential; the agent enrolls with a one-time token",
     );
     let resp = http
         .post(format!("{base}/api/v1/login"))
@@ -229,63 +282,107 @@ async fn control_plane_steps(
         .await?
         .json()
         .await?;
-    let enrolled: serde_json::Value = http
-        .post(format!("{base}/api/v1/agent/enroll"))
-        .json(&serde_json::json!({
-            "token": token["token"], "hostname": "demo-host",
-            "addresses": [HOST_V4.to_string()], "version": env!("CARGO_PKG_VERSION"),
-        }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let agent_credential = enrolled["credential"]
-        .as_str()
-        .context("no agent credential")?
-        .to_owned();
+    let token = token["token"].as_str().context("no token")?.to_owned();
+    println!("  POST /api/v1/enrollment-tokens: a one-time token (valid one hour)");
+    let url = format!("http://{}", relay.addr());
     println!(
-        "  POST /api/v1/enrollment-tokens, then /api/v1/agent/enroll: the agent's own credential"
+        "  $ mirage-agent --netns {} enroll --manager {url} --name demo-host --state-dir {} \
+         (token in MIRAGE_ENROLL_TOKEN)",
+        lab.host.name(),
+        state.display()
+    );
+    let enrolled = Command::new(binary("mirage-agent"))
+        .env("MIRAGE_NETNS", lab.host.name())
+        .env("MIRAGE_ENROLL_TOKEN", &token)
+        .args([
+            "enroll",
+            "--manager",
+            &url,
+            "--name",
+            "demo-host",
+            "--state-dir",
+        ])
+        .arg(state)
+        .output()
+        .context("running mirage-agent enroll")?;
+    let credential_file = state.join("credential");
+    let private = std::fs::metadata(&credential_file)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777 == 0o600)
+        .unwrap_or(false);
+    println!(
+        "  Enrolled: the agent's own credential is in {} (mode 0600), never printed",
+        credential_file.display()
+    );
+    checks.expect(
+        enrolled.status.success() && private,
+        "the agent enrolls and keeps its credential private",
     );
 
-    heading(style, 14, "The agent opens its policy stream");
-    let resp = http
-        .get(format!("{base}/api/v1/agent/stream"))
-        .bearer_auth(&agent_credential)
-        .send()
-        .await?;
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
-    let mut next_event = async move || -> Result<(String, serde_json::Value)> {
-        loop {
-            if let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut event = String::new();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event: ") {
-                        event = v.to_owned();
-                    } else if let Some(v) = line.strip_prefix("data: ") {
-                        data.push_str(v);
-                    }
-                }
-                if !event.is_empty() {
-                    return Ok((event, serde_json::from_str(&data)?));
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
-                .await
-                .context("no event within 10 s")?
-                .context("the stream ended")??;
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    };
-    let (kind, snapshot) = next_event().await?;
+    heading(
+        style,
+        14,
+        "The agent starts, opens its policy stream and applies the manager's policy",
+    );
+    std::fs::write(
+        config,
+        format!(
+            "mode = \"firewall\"          # the fallback until the manager's policy arrives\n\
+             state_dir = \"{}\"\n\n[manager]\nurl = \"{url}\"\nheartbeat_secs = 2\n",
+            state.display()
+        ),
+    )?;
+    println!("  {}:", config.display());
+    print_indented(&std::fs::read_to_string(config)?);
+    let config_arg = config.display().to_string();
     println!(
-        "  GET /api/v1/agent/stream: `{kind}` at revision {}, {} attacker entries, mode {}",
-        snapshot["revision"],
-        snapshot["attackers"].as_array().map_or(0, Vec::len),
-        snapshot["policy"]["mode"]
+        "  $ mirage-agent --netns {} run --iface {HOST_IFACE} --config {config_arg}",
+        lab.host.name()
+    );
+    let agent =
+        Agent::start(&lab.host, &["--config", &config_arg]).context("starting the agent")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let agents: serde_json::Value = http
+            .get(format!("{base}/api/v1/agents"))
+            .header(reqwest::header::COOKIE, &cookie)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let record = agents
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["name"] == "demo-host" && a["applied_revision"].is_i64())
+            .cloned();
+        if let Some(record) = record {
+            break Some(record);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let record = record.unwrap_or_default();
+    println!(
+        "  The manager's agents page: demo-host, mode {}, applied revision {}, heartbeat with its kernel counters",
+        record["mode"], record["applied_revision"]
+    );
+    checks.expect(
+        record["mode"] == "unreal",
+        "the agent applies the manager's policy (mode unreal) and reports it",
+    );
+    let maps = Maps::open_pinned(&loader::pin_dir(agent.root()))?;
+    let allowlisted = maps
+        .allowlist()?
+        .iter()
+        .any(|n| n.to_string() == "127.0.0.1");
+    println!(
+        "  The manager's address, as the agent reaches it (127.0.0.1), is allowlisted by the agent itself"
+    );
+    checks.expect(
+        allowlisted,
+        "the manager's address is allowlisted automatically",
     );
 
     heading(
@@ -305,28 +402,34 @@ async fn control_plane_steps(
             format!("sshd[4125]: Failed password for invalid user admin from {ATTACKER_V4} port 50030 ssh2"),
         ],
     }]});
-    let sent = std::time::Instant::now();
     let post_verdicts = || {
         http.post(format!("{base}/api/v1/verdicts"))
             .bearer_auth(&server_credential)
             .json(&verdicts)
             .send()
     };
+    let sent = std::time::Instant::now();
     let answer: serde_json::Value = post_verdicts().await?.json().await?;
     println!("  POST /api/v1/verdicts (service credential): {answer}");
-    let (kind, delta) = next_event().await?;
+    let deadline = sent + Duration::from_secs(10);
+    let action = loop {
+        if let Some(action) = in_kernel_map(&agent, IpAddr::V4(ATTACKER_V4))? {
+            break Some(action);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    };
     let took = sent.elapsed();
     println!(
-        "  The agent's stream got `{kind}` revision {}: {} {} {} after {:.1} ms",
-        delta["revision"],
-        delta["op"],
-        delta["net"],
-        delta["action"],
-        took.as_secs_f64() * 1000.0
+        "  In the agent's kernel map after {:.1} ms (from the POST; stream delta, applied by the agent): {ATTACKER_V4} {}",
+        took.as_secs_f64() * 1000.0,
+        action.unwrap_or("(missing)")
     );
     checks.expect(
-        kind == "delta" && delta["net"] == format!("{ATTACKER_V4}/32"),
-        "the verdict reaches the agent's stream as a delta for the attacker",
+        action == Some("drop"),
+        "the verdict reaches the agent's kernel map by itself, as a drop entry",
     );
     let again: serde_json::Value = post_verdicts().await?.json().await?;
     println!("  The same batch again (a retry): {again}");
@@ -338,14 +441,10 @@ async fn control_plane_steps(
     heading(
         style,
         16,
-        "Applied to the kernel map; the attacker is dropped, the legitimate client is not",
+        "Enforced: the attacker is dropped, the legitimate client is not",
     );
-    println!(
-        "  (Until the agent's own policy sync lands, the demo applies the delta with the CLI.)"
-    );
-    let net = delta["net"].as_str().context("delta without net")?;
-    println!("  $ mirage-agent block {net}");
-    agent.cli(&["block", net]).context("mirage-agent block")?;
+    println!("  $ mirage-agent list");
+    print_indented(&agent.cli(&["list"])?);
     probe_all(style, checks, &lab.legit, "legit", echo_addr, true)?;
     probe_all(style, checks, &lab.attacker, "attacker", echo_addr, false)?;
 
@@ -386,6 +485,7 @@ async fn control_plane_steps(
         page["detections"].as_array().is_some_and(|d| d.len() == 1),
         "the attacker page joins the detection and its evidence lines",
     );
+    drop(agent);
     Ok(())
 }
 
