@@ -33,7 +33,7 @@
 //!   truncated one is handled as above.
 //! * **Lines**: split on LF, a CR before it removed; a last line without its LF waits for it
 //!   (except at the end of a finished rotated file, where no LF will come). A line longer than
-//!   [`FilesOptions::max_line`] (64 KiB) is cut there, the rest up to its LF skipped, and
+//!   [`FilesOptions::max_line`] (15 KiB) is cut there, the rest up to its LF skipped, and
 //!   counted. Invalid UTF-8 is replaced (U+FFFD).
 //!
 //! Globs should match live files only (`/var/log/auth.log`, not `/var/log/auth.log*`): a
@@ -70,7 +70,9 @@ pub struct FilesOptions {
     /// How long a rotated (or vanished) file must have stopped growing before it is finished.
     /// Default 5 s.
     pub rotated_idle: Duration,
-    /// Longest line shipped; longer ones are cut. Default 64 KiB.
+    /// Longest line shipped, in bytes; longer ones are cut. Default 15 KiB, so that a message
+    /// (the line, the syslog header and the file's path) stays within the server's default
+    /// `limits.max_message_bytes` of 16 KiB, beyond which the server would drop it whole.
     pub max_line: usize,
     /// Most bytes read in one pass over all files (one batch); at least twice `max_line`.
     /// Default 512 KiB.
@@ -83,7 +85,7 @@ impl Default for FilesOptions {
             poll: Duration::from_millis(250),
             rescan: Duration::from_secs(2),
             rotated_idle: Duration::from_secs(5),
-            max_line: 64 * 1024,
+            max_line: 15 * 1024,
             pass_bytes: 512 * 1024,
         }
     }
@@ -365,6 +367,7 @@ impl Collector {
                 match read_reader(
                     reader,
                     finishing,
+                    !rotated,
                     now,
                     idle_limit,
                     self.options.max_line,
@@ -735,10 +738,13 @@ fn refresh_fingerprint(r: &mut Reader) {
     }
 }
 
-/// Reads new lines of one reader into its `pending` advance.
+/// Reads new lines of one reader into its `pending` advance. `verify`: the file may be
+/// truncated under us (it is the one at the path), so what was read is checked to still be
+/// the file that was fingerprinted.
 fn read_reader(
     reader: &mut Reader,
     finishing: bool,
+    verify: bool,
     now: Instant,
     idle_limit: Duration,
     max_line: usize,
@@ -761,6 +767,16 @@ fn read_reader(
         max_line,
         idle,
     )?;
+    if verify {
+        // Truncated and written again between the check and this read: the bytes at the
+        // offset are not the continuation. Dropped; the next check sees the truncation.
+        let len = reader.file.metadata()?.len();
+        let prefix = read_prefix(&reader.file, len)?;
+        if len < reader.offset || !reader.fingerprint.matches(&prefix) {
+            reader.last_len = u64::MAX;
+            return Ok(Chunk::default());
+        }
+    }
     let consumed = chunk.offset > reader.offset;
     reader.pending = Some(Advance {
         offset: chunk.offset,
