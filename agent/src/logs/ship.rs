@@ -28,13 +28,17 @@
 //!   server's configuration reference for the protocol.
 //!
 //! Exactly once, precisely: nothing queued is lost while the server is away (up to
-//! `queue_max_bytes`, then collectors wait). A message the server had handed to detection but
-//! not yet acknowledged when *the server* died is sent again and counted again by the new
-//! server process (its numbers live in memory): at most 100 messages or 200 ms per agent. A hard
-//! crash of *the agent* between queueing a batch and saving its collector's position queues that
-//! batch again on restart; the server drops it only if it has not restarted meanwhile... it
-//! cannot, as the batch gets new numbers: so one batch may be doubled then. A clean stop of
-//! either side doubles nothing.
+//! `queue_max_bytes`, then collectors wait), and a clean stop of either side doubles nothing.
+//! Two crashes can double lines: a server that dies between handing messages to detection and
+//! acknowledging them (at most 100 messages or 200 ms of this agent's traffic) gets them again,
+//! as the new server process does not know their numbers; and an agent killed between a batch's
+//! `fdatasync` here and its collector's position being saved reads that batch again after its
+//! restart, and queues it under new numbers.
+//!
+//! Metrics: `mirage_agent_log_queue_records` and `mirage_agent_log_queue_bytes` (what waits on
+//! disk), `mirage_agent_log_lines_queued_total`, `mirage_agent_log_lines_sent_total` (resends
+//! included), `mirage_agent_log_lines_acked_total`, `mirage_agent_log_server_connected` (1 while
+//! the connection is up) and `mirage_agent_log_connections_total`.
 
 use std::{
     collections::VecDeque,
@@ -379,6 +383,8 @@ impl Shared {
         let s = spool.stats();
         self.stats.queue_records.store(s.records, Ordering::Relaxed);
         self.stats.queue_bytes.store(s.bytes, Ordering::Relaxed);
+        metrics::gauge!("mirage_agent_log_queue_records").set(s.records as f64);
+        metrics::gauge!("mirage_agent_log_queue_bytes").set(s.bytes as f64);
     }
 }
 
@@ -526,6 +532,7 @@ async fn run_appender(
         match &result {
             Ok(()) => {
                 shared.stats.queued.fetch_add(lines, Ordering::Relaxed);
+                metrics::counter!("mirage_agent_log_lines_queued_total").increment(lines);
                 shared.appended.notify_one();
             }
             Err(err) => warn!(error = %err, lines, "Queueing log lines failed."),
@@ -660,6 +667,8 @@ async fn run_sender(
             Ok(stream) => {
                 shared.stats.connections.fetch_add(1, Ordering::Relaxed);
                 shared.stats.connected.store(true, Ordering::Relaxed);
+                metrics::counter!("mirage_agent_log_connections_total").increment(1);
+                metrics::gauge!("mirage_agent_log_server_connected").set(1.0);
                 if failures > 0 {
                     info!(address = %target.address, failures, "Connected to the server again.");
                 } else {
@@ -668,6 +677,7 @@ async fn run_sender(
                 failures = 0;
                 let progressed = session(stream, &shared, &options, &mut stop).await;
                 shared.stats.connected.store(false, Ordering::Relaxed);
+                metrics::gauge!("mirage_agent_log_server_connected").set(0.0);
                 if progressed {
                     backoff.reset();
                 }
@@ -762,6 +772,8 @@ async fn session(
                                 .stats
                                 .sent
                                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                            metrics::counter!("mirage_agent_log_lines_sent_total")
+                                .increment(batch.len() as u64);
                             continue;
                         }
                         Ok(Err(err)) => break format!("write failed: {err}"),
@@ -802,6 +814,7 @@ async fn session(
                     }
                     if count > 0 {
                         shared.stats.acked.fetch_add(count, Ordering::Relaxed);
+                        metrics::counter!("mirage_agent_log_lines_acked_total").increment(count);
                         progressed = true;
                         last_progress = Instant::now();
                     }
