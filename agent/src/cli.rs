@@ -446,9 +446,6 @@ fn run_agent(
             .context("registering the flow-event ring buffer with epoll")?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        // Policy from the manager (`[manager]`): its tasks hold their own handles on the pinned
-        // maps and stop when this handle drops.
-        let _policy_sync = crate::sync::start(&cfg, &dir).context("starting the policy sync")?;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         let mut kernel_stats = tokio::time::interval(telemetry::KERNEL_EVERY);
         if let Some(addr) = cfg.metrics {
@@ -456,6 +453,9 @@ fn run_agent(
                 .await
                 .context("starting the metrics listener")?;
         }
+        // Policy from the manager (`[manager]`), after the metrics recorder is in place: its tasks
+        // hold their own handles on the pinned maps and stop when this handle drops.
+        let _policy_sync = crate::sync::start(&cfg, &dir).context("starting the policy sync")?;
         // Events written while no agent ran are still in the pinned ring buffer: read them now.
         drain_events(events.get_mut(), flow_log.as_mut());
         // Log collection and shipping (`[server]`, `[[logs]]`, `[[journal]]`, `[redis]`).

@@ -212,6 +212,11 @@ impl Applier {
     /// Returns the revision restored.
     pub fn restore(&mut self) -> Option<i64> {
         let started = Instant::now();
+        // The data-path settings first, from the header lines alone: `run` has just written the
+        // configuration file's fallback, and reading a million entries takes a while.
+        if let Some(dp) = Store::peek_policy(self.store.dir()).and_then(|p| p.data_plane().ok()) {
+            MapsKernel::new(&mut self.maps).data_plane(&dp);
+        }
         let loaded = self.store.load();
         for problem in &loaded.problems {
             error!(

@@ -213,6 +213,18 @@ pub fn start(cfg: &AgentConfig, pin_dir: &Path) -> Result<Option<SyncHandle>, Sy
     }))
 }
 
+/// The data-path settings of the policy this agent last applied from the manager, if it has
+/// one on disk (read cheaply, without the attacker entries). `mirage-agent run` may write these
+/// instead of the configuration file's fallback when it fills the maps at start, so that a
+/// restart never switches the mode back to the file's for the moment before the sync restores
+/// the policy.
+pub fn persisted_data_plane(cfg: &AgentConfig) -> Option<policy::DataPlane> {
+    cfg.manager.as_ref()?;
+    Store::peek_policy(&cfg.state_dir.join("policy"))?
+        .data_plane()
+        .ok()
+}
+
 /// Locks the applier. A panic while it was held leaves a state that may not match the kernel,
 /// but the next snapshot diff repairs that; the lock is taken over rather than the sync
 /// stopping for good.

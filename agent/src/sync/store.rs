@@ -19,13 +19,13 @@
 use std::{
     collections::BTreeSet,
     fs::{self, File, OpenOptions},
-    io::{self, BufReader, BufWriter, Write as _},
+    io::{self, BufRead as _, BufReader, BufWriter, Write as _},
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
 use super::{
-    policy::{DataPlane, DeltaDoc, Want},
+    policy::{DataPlane, DeltaDoc, PolicyDoc, Want},
     state::{self, DecodeError, Kernel, PolicyState},
 };
 use crate::addr::Net;
@@ -102,6 +102,11 @@ impl Store {
         })
     }
 
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -153,6 +158,37 @@ impl Store {
             Err(e) => loaded.problems.push(format!("auto-allowlist: {e}")),
         }
         loaded
+    }
+
+    /// The policy part of what [`Store::load`] would restore, read cheaply (the header lines
+    /// and the journal, not the entries), without changing anything: for a start-up that wants
+    /// the manager's data-path settings before the maps are filled.
+    pub fn peek_policy(dir: &Path) -> Option<PolicyDoc> {
+        let header = |name: &str| -> Option<Option<PolicyDoc>> {
+            let file = File::open(dir.join(name)).ok()?;
+            let mut first = String::new();
+            BufReader::new(file).read_line(&mut first).ok()?;
+            state::decode_header(&first).ok()
+        };
+        if let Some(policy) = header("pending") {
+            return policy;
+        }
+        let mut policy = header("state")?;
+        if let Ok(journal) = File::open(dir.join("journal")) {
+            for line in BufReader::new(journal).lines() {
+                let Ok(line) = line else { break };
+                let Ok(delta) = serde_json::from_str::<DeltaDoc>(&line) else {
+                    break;
+                };
+                if delta.op == "policy" {
+                    match serde_json::from_value::<PolicyDoc>(delta.details) {
+                        Ok(p) => policy = Some(p),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        policy
     }
 
     fn read_state(&self, name: &str) -> Result<Option<PolicyState>, DecodeError> {
@@ -373,6 +409,26 @@ mod tests {
         assert_eq!(loaded.applied, next);
         assert_eq!(loaded.replayed, 0);
         assert!(loaded.pending.is_none());
+    }
+
+    #[test]
+    fn peeks_the_latest_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Store::peek_policy(dir.path()), None);
+        let mut store = Store::open(dir.path()).unwrap();
+        store.write_state(&snapshot(1, &["198.18.0.1/32"])).unwrap();
+        assert_eq!(Store::peek_policy(dir.path()).unwrap().mode, "firewall");
+        let d: DeltaDoc = serde_json::from_value(serde_json::json!({"revision": 2, "group_id": 1,
+            "op": "policy", "details": {"group_id": 1, "mode": "honeypot",
+            "redirect_model": "preserve-source"}}))
+        .unwrap();
+        store.append(&d).unwrap();
+        store.append(&delta(3, "add", "198.18.0.2/32")).unwrap();
+        assert_eq!(Store::peek_policy(dir.path()).unwrap().mode, "honeypot");
+        let mut pending = snapshot(4, &[]);
+        pending.policy.as_mut().unwrap().mode = "reflect".into();
+        store.write_pending(&pending).unwrap();
+        assert_eq!(Store::peek_policy(dir.path()).unwrap().mode, "reflect");
     }
 
     #[test]

@@ -352,6 +352,19 @@ pub enum DecodeError {
     Truncated,
 }
 
+/// Reads a state file's first line: the policy it holds.
+pub fn decode_header(line: &str) -> Result<Option<PolicyDoc>, DecodeError> {
+    let header: Header =
+        serde_json::from_str(line).map_err(|e| DecodeError::Header(e.to_string()))?;
+    if header.format != FORMAT {
+        return Err(DecodeError::Header(format!(
+            "format {} (this agent reads {FORMAT})",
+            header.format
+        )));
+    }
+    Ok(header.policy)
+}
+
 /// Writes `state` in the state file format.
 pub fn encode(state: &PolicyState, out: &mut impl Write) -> io::Result<()> {
     let header = Header {
