@@ -122,8 +122,12 @@ impl ManagerProcess {
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         let stderr = self.spawn()?;
+        // Drained so the pipe never fills.
         std::thread::spawn(move || {
-            for _ in BufReader::new(stderr).lines().map_while(Result::ok) {}
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(drop);
         });
         self.wait_listening()
     }
