@@ -6,7 +6,8 @@
 //! One scenario, in order: enrollment; the first snapshot (a hand-made CLI entry survives it);
 //! a verdict reaches the map, a manual unblock removes it, an expiry removes it; the manager
 //! goes down and enforcement does not change, not even across an agent restart with the maps
-//! wiped; the manager comes back, changes are made, and the agent converges to its revision.
+//! wiped; the manager comes back, changes are made, and the agent converges to its revision;
+//! the agent is revoked, and keeps enforcing what it has.
 
 #![allow(
     clippy::unwrap_used,
@@ -635,5 +636,22 @@ fn policy_follows_the_manager_and_survives_its_absence() {
         !agent.log().contains(&credential),
         "the credential was logged"
     );
+
+    // Revoked: the manager ends the stream and refuses the credential; enforcement stays.
+    let converged = live_attackers(&agent);
+    let id = api.agent("lab-host")["id"].as_i64().unwrap();
+    let (status, _) = api.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/agents/{id}"),
+        None,
+    );
+    assert_eq!(status, 204);
+    eventually(
+        &agent,
+        "the refusal logged",
+        Duration::from_secs(20),
+        || agent.log().contains("refused this agent's credential"),
+    );
+    assert_eq!(live_attackers(&agent), converged, "enforcement changed");
     drop(relay);
 }
