@@ -24,7 +24,7 @@ use crate::{
         AgentConfig, ModeName, TargetAddr, XdpModeName, addr_from_bytes, family_name, model_name,
         proto_name,
     },
-    flow::{FlowLog, FlowRecord, ListedFlow},
+    flow::{FlowLog, FlowRecord, ListedFlow, report::FlowReporter},
     loader::{self, LoaderError},
     maps::{Maps, SourceStats},
     telemetry,
@@ -398,9 +398,25 @@ fn run_agent(
     for net in &allow {
         maps.allow(*net)?;
     }
-    maps.replace_targets(&targets)?;
-    maps.replace_allow_ports(&allow_ports)?;
-    maps.set_config(&data_path)?;
+    // With a manager, the policy it last gave (saved in state_dir) replaces the file's
+    // fallback from the first instant, so a restart never switches the mode back for the
+    // moment before the sync restores the rest.
+    match crate::sync::persisted_data_plane(&cfg) {
+        Some(plane) => {
+            info!(
+                mode = plane.mode().name(),
+                "Restoring the data-path settings of the last applied manager policy."
+            );
+            maps.replace_targets(&plane.targets)?;
+            maps.replace_allow_ports(&plane.allow_ports)?;
+            maps.set_config(&plane.config)?;
+        }
+        None => {
+            maps.replace_targets(&targets)?;
+            maps.replace_allow_ports(&allow_ports)?;
+            maps.set_config(&data_path)?;
+        }
+    }
 
     for iface in ifaces {
         // The rewriter first: anything the decision program starts sending its way must find
@@ -456,19 +472,23 @@ fn run_agent(
         // Policy from the manager (`[manager]`), after the metrics recorder is in place: its tasks
         // hold their own handles on the pinned maps and stop when this handle drops.
         let _policy_sync = crate::sync::start(&cfg, &dir).context("starting the policy sync")?;
-        // Events written while no agent ran are still in the pinned ring buffer: read them now.
-        drain_events(events.get_mut(), flow_log.as_mut());
         // Log collection and shipping (`[server]`, `[[logs]]`, `[[journal]]`, `[redis]`).
         let logs = crate::logs::start(&cfg).await.context(
             "starting log shipping (check [server] ca, cert and key, and that no other agent uses state_dir)",
         )?;
+        // New flows go to the server (as `mirage-flow` lines) and to the manager.
+        let reporter = FlowReporter::start(&cfg, logs.as_ref().map(crate::logs::Handles::sink))
+            .context("starting the flow reporter (check [manager] url and ca)")?;
+        // Events written while no agent ran are still in the pinned ring buffer: read them now
+        // (after the shipper and reporter started, so they are reported too).
+        drain_events(events.get_mut(), flow_log.as_mut(), reporter.as_ref());
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = sigterm.recv() => break,
                 guard = events.readable_mut() => {
                     let mut guard = guard.context("polling the flow-event ring buffer")?;
-                    drain_events(guard.get_inner_mut(), flow_log.as_mut());
+                    drain_events(guard.get_inner_mut(), flow_log.as_mut(), reporter.as_ref());
                     guard.clear_ready();
                 }
                 _ = kernel_stats.tick(), if cfg.metrics.is_some() => telemetry::record_kernel(&maps),
@@ -478,6 +498,9 @@ fn run_agent(
                     Err(err) => warn!(error = %err, "Sweeping expired entries failed."),
                 },
             }
+        }
+        if let Some(reporter) = reporter {
+            reporter.shutdown().await;
         }
         if let Some(logs) = logs {
             logs.shutdown().await;
@@ -492,8 +515,13 @@ fn run_agent(
     Ok(())
 }
 
-/// Reads every pending flow event: logs it and appends it to the flow log.
-fn drain_events(ring: &mut RingBuf<MapData>, mut log: Option<&mut FlowLog>) {
+/// Reads every pending flow event: logs it, appends it to the flow log and hands it to the
+/// reporter (server and manager).
+fn drain_events(
+    ring: &mut RingBuf<MapData>,
+    mut log: Option<&mut FlowLog>,
+    reporter: Option<&FlowReporter>,
+) {
     while let Some(item) = ring.next() {
         let rec = match FlowRecord::decode(&item) {
             Ok(r) => r,
@@ -517,6 +545,9 @@ fn drain_events(ring: &mut RingBuf<MapData>, mut log: Option<&mut FlowLog>) {
             && let Err(err) = log.append(&rec)
         {
             warn!(error = %err, "Writing the flow log failed.");
+        }
+        if let Some(reporter) = reporter {
+            reporter.offer(&rec);
         }
     }
 }

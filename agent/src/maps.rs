@@ -455,8 +455,28 @@ impl Maps {
         Ok(out)
     }
 
+    /// One attacker entry, exact or range, if present.
+    pub fn attacker(&self, net: Net) -> Result<Option<AttackerEntry>> {
+        let r = match net {
+            Net::V4(a, 32) => self.attackers_v4.get(&a.octets(), 0),
+            Net::V6(a, 128) => self.attackers_v6.get(&a.octets(), 0),
+            Net::V4(a, p) => self.ranges_v4.get(&Key::new(p.into(), a.octets()), 0),
+            Net::V6(a, p) => self.ranges_v6.get(&Key::new(p.into(), a.octets()), 0),
+        };
+        match r {
+            Ok(e) => Ok(Some(e)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(op("read", "attacker map")(e)),
+        }
+    }
+
     /// Removes attacker entries whose expiry has passed. The kernel already ignores them; this
     /// frees their memory. Returns how many were removed.
+    ///
+    /// Each entry is read again just before it is removed: the policy sync may have extended its
+    /// expiry since the listing (a verdict refreshing a ban), and a live entry must not go. A
+    /// BPF hash map has no compare-and-delete, so an update landing between that read and the
+    /// removal (microseconds) is still lost until the next snapshot repairs it.
     pub fn sweep_expired(&mut self) -> Result<usize> {
         let now = clock::boottime_ns();
         let expired: Vec<Net> = self
@@ -467,6 +487,10 @@ impl Maps {
             .collect();
         let mut removed = 0;
         for net in expired {
+            match self.attacker(net)? {
+                Some(e) if e.expired(clock::boottime_ns()) => {}
+                _ => continue,
+            }
             match self.unblock(net) {
                 Ok(()) => removed += 1,
                 // Removed meanwhile by someone else: fine.

@@ -86,5 +86,8 @@ pub fn record_kernel(maps: &Maps) {
         maps.allowlist().map(|v| v.len()),
     );
     gauge("mirage_agent_flows", maps.flows().map(|v| v.len()));
-    gauge("mirage_agent_tracked_sources", maps.sources().map(|v| v.len()));
+    gauge(
+        "mirage_agent_tracked_sources",
+        maps.sources().map(|v| v.len()),
+    );
 }

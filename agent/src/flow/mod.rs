@@ -240,5 +240,7 @@ impl ListedFlow {
     }
 }
 
+pub mod report;
+
 #[cfg(test)]
 mod tests;

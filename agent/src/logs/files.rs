@@ -344,7 +344,7 @@ impl Collector {
         }
         let mut pass = Pass::default();
         let mut budget = self.options.pass_bytes;
-        let read_at = unix_now();
+        let read_at = super::unix_now();
         let paths: Vec<PathBuf> = self.followed.keys().cloned().collect();
         for path in paths {
             self.check_path(&path, now);
@@ -969,12 +969,6 @@ fn find_copy(dir: &Path, path: &Path, pos: &FilePosition, f: &Followed) -> Optio
         debug!(dir = %dir.display(), "Found the copy of a truncated file.");
     }
     best.map(|(_, file)| file)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -23,6 +23,13 @@ use tracing::warn;
 
 use crate::config::AgentConfig;
 
+/// Now, in Unix seconds (a line's `read_at`).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// One collected line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
@@ -86,6 +93,8 @@ impl Sink {
 #[derive(Debug)]
 pub struct Handles {
     shipper: ship::Shipper,
+    /// For lines that are not collected from a source (the kernel's flow events).
+    sink: Sink,
     stop: watch::Sender<bool>,
     collectors: Vec<(&'static str, JoinHandle<()>)>,
 }
@@ -150,9 +159,9 @@ pub async fn start(cfg: &AgentConfig) -> Result<Option<Handles>, ship::ShipError
         ));
     }
     // -------------------------------------------------------------------------------------
-    drop(sink);
     Ok(Some(Handles {
         shipper,
+        sink,
         stop,
         collectors,
     }))
@@ -164,9 +173,15 @@ impl Handles {
         self.shipper.stats()
     }
 
+    /// A sink into the shipper, for lines the agent makes itself (flow events).
+    pub fn sink(&self) -> Sink {
+        self.sink.clone()
+    }
+
     /// Stops the collectors (each finishes the batch it is queueing and saves its position),
     /// then the shipper. Whatever is still queued is sent after the next start.
     pub async fn shutdown(self) {
+        drop(self.sink);
         let _ = self.stop.send(true);
         for (name, mut task) in self.collectors {
             if tokio::time::timeout(COLLECTOR_GRACE, &mut task)
