@@ -20,7 +20,7 @@ use crate::{
 /// Arguments of `cargo xtask bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Which benchmark: runs the tests crate's binary `bench-NAME` (e.g. `xdp`, `veth`).
+    /// Which benchmark: runs the tests crate's binary `bench-NAME` (`xdp`, `veth`, `manager`, `detect`, `agent`).
     pub name: String,
     /// Passed to the benchmark binary unchanged.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

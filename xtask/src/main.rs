@@ -43,7 +43,7 @@ enum Task {
     Test,
     /// Build the lab, run the agent in firewall mode, block the attacker, and show the effect.
     Demo,
-    /// Build in release mode and run the benchmark `bench-NAME` (e.g. `xdp`, `veth`).
+    /// Build in release mode and run the benchmark `bench-NAME` (`xdp`, `veth`, `manager`, `detect`, `agent`).
     Bench(bench::BenchArgs),
 }
 
