@@ -944,6 +944,7 @@ fn schemas() -> Value {
                         ("net", net(), true),
                         ("action", action, true),
                         ("expires_at", time(), false),
+                        ("group_id", opt(int()), true),
                     ])), true),
                 ]),
                 object(&[

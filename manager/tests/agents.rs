@@ -603,7 +603,7 @@ async fn polling_agents_get_a_snapshot_then_deltas() {
     assert_eq!(snapshot.body["policy"]["mode"], "unreal");
     assert_eq!(
         snapshot.body["attackers"],
-        json!([{ "net": "198.51.100.1/32", "action": "drop" }])
+        json!([{ "net": "198.51.100.1/32", "action": "drop", "group_id": null }])
     );
     s.post(
         &s.oper,

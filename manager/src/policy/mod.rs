@@ -40,6 +40,9 @@ pub struct Entry {
         skip_serializing_if = "Option::is_none"
     )]
     pub expires_at: Option<OffsetDateTime>,
+    /// The entry's group; `null`: every group (an agent tells which row a later delta changes
+    /// when an address has both).
+    pub group_id: Option<i64>,
 }
 
 /// Everything an agent enforces, as of `revision`.
@@ -125,10 +128,11 @@ pub async fn load(pool: &PgPool, group_id: i64, since: Option<i64>) -> Result<Up
     let attackers = db::attackers::live_entries_for_group(&mut *tx, group_id)
         .await?
         .into_iter()
-        .map(|(net, action, expires_at)| Entry {
+        .map(|(net, action, expires_at, group_id)| Entry {
             net,
             action,
             expires_at,
+            group_id,
         })
         .collect();
     tx.commit().await?;
