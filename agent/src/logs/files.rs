@@ -690,9 +690,9 @@ impl Collector {
         let old = cur.position();
         let last_len = cur.last_len;
         let dir = path.parent().unwrap_or_else(|| Path::new("/"));
-        let copy = (old.offset > 0)
-            .then(|| find_copy(dir, path, &old, f))
-            .flatten();
+        // Even at offset 0 (nothing read yet since the last truncation, e.g. while the sink
+        // was slow) the copy holds lines not read: `find_copy` needs only a fingerprint.
+        let copy = find_copy(dir, path, &old, f);
         match copy {
             Some(file) => push_reader(&mut f.rotated, file, &old),
             None if old.offset < last_len => warn!(
