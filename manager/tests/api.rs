@@ -111,6 +111,7 @@ async fn migrations_apply_and_reapply() {
     assert_eq!(
         tables,
         [
+            "agent_flows",
             "agent_groups",
             "agents",
             "alert_channels",
