@@ -270,17 +270,18 @@ impl Detector {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let kept = hits.clone();
+        let n = u64::try_from(hits.len()).unwrap_or(u64::MAX);
+        // Only the shared backend can fail; only for it is a copy kept for the retry.
+        let kept = matches!(self.state, State::Postgres(_)).then(|| hits.clone());
         let flags = match self.state.record(&self.meta, hits).await {
             Ok(flags) => flags,
             Err(err) => {
-                self.keep_for_retry(kept);
+                self.keep_for_retry(kept.unwrap_or_default());
                 return Err(err);
             }
         };
-        self.stats.hits += u64::try_from(kept.len()).unwrap_or(u64::MAX);
-        metrics::counter!("mirage_server_matches_total")
-            .increment(u64::try_from(kept.len()).unwrap_or(u64::MAX));
+        self.stats.hits += n;
+        metrics::counter!("mirage_server_matches_total").increment(n);
         let verdicts: Vec<Verdict> = flags.iter().filter_map(|f| self.verdict(f)).collect();
         self.stats.verdicts += u64::try_from(verdicts.len()).unwrap_or(u64::MAX);
         metrics::counter!("mirage_server_verdicts_total")
