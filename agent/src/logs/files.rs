@@ -122,18 +122,30 @@ pub async fn run(
     options: FilesOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), FilesError> {
-    let mut collector = Collector::new(sources, state_dir.join(STATE_FILE), options)?;
+    let state_file = state_dir.join(STATE_FILE);
+    let mut collector = Collector::new(sources, state_file.clone(), options.clone())?;
     let poll = collector.options.poll;
     loop {
         if *shutdown.borrow() {
             break;
         }
-        let (back, pass) = tokio::task::spawn_blocking(move || {
+        let (back, pass) = match tokio::task::spawn_blocking(move || {
             let pass = collector.pass();
             (collector, pass)
         })
         .await
-        .map_err(FilesError::Task)?;
+        {
+            Ok(done) => done,
+            // A blocking task can be cancelled before it runs (or panic); the collector it
+            // held is gone with it, but nothing it read was queued or committed: start again
+            // from the offsets on disk, which re-reads exactly what was not shipped.
+            Err(err) => {
+                warn!(error = %err, "A file-reading task was lost; resuming from the saved offsets.");
+                collector = Collector::new(sources, state_file.clone(), options.clone())?;
+                wait(&mut shutdown, poll).await;
+                continue;
+            }
+        };
         collector = back;
         if !pass.lines.is_empty() {
             match sink.send(pass.lines).await {
@@ -152,12 +164,21 @@ pub async fn run(
             }
         }
         if collector.dirty {
-            let (back, saved) = tokio::task::spawn_blocking(move || {
+            let (back, saved) = match tokio::task::spawn_blocking(move || {
                 let saved = collector.save();
                 (collector, saved)
             })
             .await
-            .map_err(FilesError::Task)?;
+            {
+                Ok(done) => done,
+                Err(err) => {
+                    // The lines were queued but their offsets may not be saved: resuming from
+                    // the older offsets would ship them again. Said, not hidden.
+                    warn!(error = %err, "Saving file offsets was lost; resuming from the saved offsets (lines since may be sent twice).");
+                    collector = Collector::new(sources, state_file.clone(), options.clone())?;
+                    continue;
+                }
+            };
             collector = back;
             if let Err(err) = saved {
                 warn!(error = %err, "Saving file offsets failed; retrying.");
