@@ -13,6 +13,7 @@ pub mod lab;
 pub mod manager;
 pub mod netns;
 pub mod object;
+pub mod operator;
 pub mod packet;
 pub mod probe;
 pub mod relay;

@@ -41,18 +41,14 @@ use std::{
 use agent_common::{AttackerEntry, maps as names};
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use manager::{
-    AppState, ManagerConfig, app,
-    auth::{Role, password},
-    db::{self, Database},
-    test_util,
-};
+use manager::{AppState, ManagerConfig, app, db::Database, test_util};
 use rand::Rng as _;
 use serde_json::{Value, json};
 use tests::{
     bench::{Record, attacker_addr, median, note},
     lab::{Agent, Lab, binary},
     netns::{cleanup_on_interrupt, unique_tag},
+    operator::Operator,
     probe::in_netns,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -69,7 +65,6 @@ const POLL_INTERVAL: Duration = Duration::from_secs(10);
 const SNAPSHOT_ENTRIES: u32 = 1_000_000;
 /// First address of the snapshot case (clear of the verdicts').
 const SNAPSHOT_BASE: Ipv4Addr = Ipv4Addr::new(100, 64, 16, 0);
-const PASSWORD: &str = "bench password, long enough";
 
 fn main() -> Result<()> {
     if let Err(err) = cleanup_on_interrupt() {
@@ -157,95 +152,6 @@ impl Drop for Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-    }
-}
-
-/// A logged-in admin.
-struct Operator {
-    http: reqwest::Client,
-    base: String,
-    cookie: String,
-    csrf: String,
-}
-
-impl Operator {
-    async fn login(http: &reqwest::Client, base: &str, pool: &sqlx::PgPool) -> Result<Self> {
-        let hash = password::hash(PASSWORD).context("hashing")?;
-        db::users::insert(pool, "bench", &hash, Role::Admin)
-            .await
-            .context("creating the bench user")?;
-        let resp = http
-            .post(format!("{base}/api/v1/login"))
-            .json(&json!({ "username": "bench", "password": PASSWORD }))
-            .send()
-            .await?;
-        ensure!(resp.status().is_success(), "login: {}", resp.status());
-        let cookie = resp
-            .headers()
-            .get(reqwest::header::SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .context("no session cookie")?
-            .to_owned();
-        let body: Value = resp.json().await?;
-        let csrf = body["csrf_token"]
-            .as_str()
-            .context("no csrf_token")?
-            .to_owned();
-        Ok(Self {
-            http: http.clone(),
-            base: base.to_owned(),
-            cookie,
-            csrf,
-        })
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header(reqwest::header::COOKIE, &self.cookie)
-            .header("x-csrf-token", &self.csrf)
-            .json(body)
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        ensure!(status.is_success(), "POST {path}: {status}: {body}");
-        Ok(body)
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .header(reqwest::header::COOKIE, &self.cookie)
-            .send()
-            .await?;
-        ensure!(resp.status().is_success(), "GET {path}: {}", resp.status());
-        Ok(resp.json().await?)
-    }
-
-    async fn token(&self) -> Result<String> {
-        let t = self.post("/api/v1/enrollment-tokens", &json!({})).await?;
-        Ok(t["token"].as_str().context("no token")?.to_owned())
-    }
-
-    /// Enrolls a made-up agent over the API; returns its credential.
-    async fn enroll(&self, name: &str) -> Result<String> {
-        let token = self.token().await?;
-        let resp = self
-            .http
-            .post(format!("{}/api/v1/agent/enroll", self.base))
-            .json(&json!({ "token": token, "hostname": name }))
-            .send()
-            .await?;
-        ensure!(resp.status().is_success(), "enroll: {}", resp.status());
-        let body: Value = resp.json().await?;
-        Ok(body["credential"]
-            .as_str()
-            .context("no credential")?
-            .to_owned())
     }
 }
 
@@ -390,8 +296,8 @@ fn verdicts(
     let poller_credential = rt.block_on(op.enroll("bench-poller"))?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
     let poller = {
-        let http = op.http.clone();
-        let base = op.base.clone();
+        let http = op.http().clone();
+        let base = op.base().to_owned();
         rt.spawn(async move {
             let mut since: Option<i64> = None;
             let phase = rand::thread_rng().gen_range(0..POLL_INTERVAL.as_millis() as u64);
@@ -442,8 +348,8 @@ fn verdicts(
         let sent = Instant::now();
         let answer: Value = rt.block_on(async {
             let resp = op
-                .http
-                .post(format!("{}/api/v1/verdicts", op.base))
+                .http()
+                .post(format!("{}/api/v1/verdicts", op.base()))
                 .bearer_auth(service)
                 .json(&body)
                 .send()

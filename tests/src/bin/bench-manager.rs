@@ -31,15 +31,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use futures_util::{StreamExt as _, stream};
-use manager::{
-    AppState, ManagerConfig, app,
-    auth::{Role, password},
-    db::{self, Database},
-    test_util,
-};
+use manager::{AppState, ManagerConfig, app, db::Database, test_util};
 use rand::Rng as _;
 use serde_json::{Value, json};
-use tests::bench::{Record, attacker_addr, median, note};
+use tests::{
+    bench::{Record, attacker_addr, median, note},
+    operator::Operator,
+};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -59,7 +57,6 @@ const BATCH: usize = 1000;
 const BATCHES: usize = 50;
 /// Concurrent requests while setting up.
 const SETUP_CONCURRENCY: usize = 32;
-const PASSWORD: &str = "bench password, long enough";
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
@@ -145,95 +142,6 @@ impl Server {
             let _ = stop.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
-    }
-}
-
-/// A logged-in operator.
-struct Operator {
-    http: reqwest::Client,
-    base: String,
-    cookie: String,
-    csrf: String,
-}
-
-impl Operator {
-    async fn login(http: &reqwest::Client, base: &str, pool: &sqlx::PgPool) -> Result<Self> {
-        let hash = password::hash(PASSWORD).context("hashing")?;
-        db::users::insert(pool, "bench", &hash, Role::Admin)
-            .await
-            .context("creating the bench user")?;
-        let resp = http
-            .post(format!("{base}/api/v1/login"))
-            .json(&json!({ "username": "bench", "password": PASSWORD }))
-            .send()
-            .await?;
-        ensure!(resp.status().is_success(), "login: {}", resp.status());
-        let cookie = resp
-            .headers()
-            .get(reqwest::header::SET_COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .context("no session cookie")?
-            .to_owned();
-        let body: Value = resp.json().await?;
-        let csrf = body["csrf_token"]
-            .as_str()
-            .context("no csrf_token")?
-            .to_owned();
-        Ok(Self {
-            http: http.clone(),
-            base: base.to_owned(),
-            cookie,
-            csrf,
-        })
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header(reqwest::header::COOKIE, &self.cookie)
-            .header("x-csrf-token", &self.csrf)
-            .json(body)
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        ensure!(status.is_success(), "POST {path}: {status}: {body}");
-        Ok(body)
-    }
-
-    /// Enrolls one agent and returns its credential.
-    async fn enroll(&self, n: usize) -> Result<String> {
-        let token = self.post("/api/v1/enrollment-tokens", &json!({})).await?;
-        let token = token["token"].as_str().context("no token")?;
-        let resp = self
-            .http
-            .post(format!("{}/api/v1/agent/enroll", self.base))
-            .json(&json!({
-                "token": token, "hostname": format!("bench-{n}"),
-                "addresses": [], "version": "bench",
-            }))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        ensure!(status.is_success(), "enroll: {status}: {body}");
-        Ok(body["credential"]
-            .as_str()
-            .context("no credential")?
-            .to_owned())
-    }
-
-    /// Blocks `addr`; returns the revision of the change once the API has answered.
-    async fn block(&self, addr: &str) -> Result<i64> {
-        let attacker = self
-            .post(
-                "/api/v1/attackers",
-                &json!({ "net": addr, "reason": "bench" }),
-            )
-            .await?;
-        attacker["revision"].as_i64().context("no revision")
     }
 }
 
@@ -349,7 +257,7 @@ async fn cases(base: &str, pool: &sqlx::PgPool) -> Result<()> {
     let credentials: Vec<String> = stream::iter(0..AGENTS)
         .map(|n| {
             let op = Arc::clone(&op);
-            async move { op.enroll(n).await }
+            async move { op.enroll(&format!("bench-{n}")).await }
         })
         .buffer_unordered(SETUP_CONCURRENCY)
         .collect::<Vec<_>>()
@@ -609,7 +517,7 @@ async fn snapshot(
         "bench-manager: inserted and analyzed in {:.1} s",
         t.elapsed().as_secs_f64()
     ));
-    let credential = op.enroll(AGENTS + 1).await?;
+    let credential = op.enroll(&format!("bench-{}", AGENTS + 1)).await?;
     let mut times = Vec::new();
     let mut size = 0usize;
     for round in 0..3 {
